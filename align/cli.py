@@ -1,0 +1,127 @@
+"""The ``align`` command. Thin: parse, validate (before torch is imported), hand over to the runner."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from align.config.recipe import STAGE_BY_KIND, RecipeError, dump_recipe, load_recipe
+
+EPILOG = """\
+overrides:
+  key=value pairs after the recipe change it before validation. A first part that names a stage
+  selects that stage: sft.train.optim.lr=1e-4, sft.train.max_steps=20, sft.model.path=/models/llama.
+  Otherwise the key is a top-level one: seed=3, output_dir=/tmp/runs, name=try2. Values are YAML.
+
+examples:
+  align run recipes/llama3_round.yaml
+  align run recipes/llama3_round.yaml seed=1 sft.train.max_steps=10
+  align validate recipes/llama3_round.yaml
+  align options sft
+"""
+
+
+def _cmd_run(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    from align.runner import run_recipe  # imports torch: only after the recipe is known to be valid
+
+    records = run_recipe(recipe)
+    print(f"report: {recipe.run_dir / 'report.md'}")
+    for r in records:
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["metrics"].items())
+        print(f"  round {r['round']} {r['stage']:<16} {shown}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(dump_recipe(recipe), end="")
+    print(f"# ok: {len(recipe.stages)} stage(s), {recipe.rounds} round(s)", file=sys.stderr)
+    return 0
+
+
+def _describe_model(cls, indent: str = "  ") -> list[str]:
+    from pydantic import BaseModel
+
+    lines = []
+    for name, info in cls.model_fields.items():
+        key = info.alias or name
+        default = "required" if info.is_required() else f"default {info.get_default(call_default_factory=True)!r}"
+        lines.append(f"{indent}{key}: {info.description or ''} ({default})")
+        sub = info.annotation
+        for candidate in getattr(sub, "__args__", (sub,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                lines += _describe_model(candidate, indent + "    ")
+                break
+    return lines
+
+
+def _cmd_options(args) -> int:
+    kinds = [args.kind] if args.kind else list(STAGE_BY_KIND)
+    for kind in kinds:
+        if kind not in STAGE_BY_KIND:
+            raise RecipeError("command line", [f"unknown stage kind '{kind}'; known: {', '.join(STAGE_BY_KIND)}"])
+        cls = STAGE_BY_KIND[kind]
+        print(f"kind: {kind} - {(cls.__doc__ or '').strip()}")
+        print("\n".join(_describe_model(cls)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="align",
+        description="Post-training alignment the Llama 2 / Llama 3 way: reward models, rejection "
+        "sampling, SFT, DPO, PPO, run as recipes of stages.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="run a recipe (skips finished stages, resumes interrupted ones)",
+        description="Run every stage of a recipe in order. Outputs go to OUTPUT_DIR/NAME/round_K/STAGE/: an "
+        "HF checkpoint, metrics.jsonl, TensorBoard logs and result.json; report.md and report.json sum up.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    run.add_argument("recipe", help="recipe YAML file, e.g. recipes/llama3_round.yaml")
+    run.add_argument("overrides", nargs="*", help="key=value changes to the recipe (see below)")
+    run.add_argument("--output-dir", help="root folder for runs (overrides the recipe's output_dir)")
+    run.set_defaults(func=_cmd_run)
+
+    val = sub.add_parser(
+        "validate", help="check a recipe and print it with every default filled in",
+        description="Validate a recipe (and overrides) without running anything; print the resolved YAML.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+    )
+    val.add_argument("recipe", help="recipe YAML file")
+    val.add_argument("overrides", nargs="*", help="key=value changes to the recipe")
+    val.set_defaults(func=_cmd_validate)
+
+    opt = sub.add_parser("options", help="list every setting of a stage kind, with its default")
+    opt.add_argument("kind", nargs="?", help=f"stage kind ({', '.join(STAGE_BY_KIND)}); all when omitted")
+    opt.set_defaults(func=_cmd_options)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # user-facing input errors carry their own message
+        from data_schemas import DataError
+
+        from align.runtime import StageInputError
+
+        if isinstance(err, (DataError, StageInputError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Building-block config models shared by stages. Pydantic only: importing this never imports torch."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, fields are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+
+
+class TinyModelConfig(Strict):
+    """Size of the built-in randomly initialised Llama model (``model.path: builtin:tiny``)."""
+
+    hidden_size: int = Field(64, gt=0, description="width of the residual stream")
+    intermediate_size: int = Field(176, gt=0, description="MLP width")
+    num_hidden_layers: int = Field(2, gt=0, description="number of decoder layers")
+    num_attention_heads: int = Field(4, gt=0, description="attention heads")
+    num_key_value_heads: int = Field(2, gt=0, description="key/value heads (GQA)")
+    max_position_embeddings: int = Field(1024, gt=0, description="longest sequence")
+    tie_word_embeddings: bool = Field(True, description="share input and output embeddings")
+
+
+class LoraConfig(Strict):
+    """LoRA adapters (peft). The saved checkpoint is the merged model plus the adapter in ``adapter/``."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: int = Field(32, gt=0, description="scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names to adapt, or all-linear"
+    )
+
+
+class ModelSpec(Strict):
+    """Where a model comes from: a path or hub id, the built-in tiny model, or an earlier stage's output."""
+
+    path: str | None = Field(
+        None, description="local directory or hub id for from_pretrained; 'builtin:tiny' for the built-in model"
+    )
+    from_stage: str | None = Field(
+        None, alias="from", description="name of an earlier stage whose checkpoint to start from"
+    )
+    tokenizer: str | None = Field(
+        None, description="tokenizer path or hub id (default: the model's; 'builtin:bytes' for the built-in)"
+    )
+    tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="size of builtin:tiny")
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="dtype the weights are loaded in"
+    )
+    attn_implementation: str | None = Field(None, description="e.g. sdpa, eager, flash_attention_2")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters instead of all weights")
+    gradient_checkpointing: bool = Field(False, description="recompute activations to save memory")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.path is None) == (self.from_stage is None):
+            raise ValueError("give exactly one of 'path' and 'from'")
+        return self
+
+
+class DataSpec(Strict):
+    """Where records come from: JSONL files (our schema or TRL's format), a built-in set, or a stage."""
+
+    paths: list[str] = Field(default_factory=list, description="JSONL files, read in order")
+    from_stage: str | None = Field(None, alias="from", description="an earlier stage whose data output to read")
+    builtin: str | None = Field(None, description="a built-in data set, e.g. 'chat' (generated, no download)")
+    builtin_size: int = Field(512, gt=0, description="records to generate for a built-in set")
+    limit: int | None = Field(None, gt=0, description="read at most this many records")
+    skip_bad_rows: bool = Field(False, description="skip rows that fail validation (count reported)")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction held out for evaluation")
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = sum([bool(self.paths), self.from_stage is not None, self.builtin is not None])
+        if given != 1:
+            raise ValueError("give exactly one of 'paths', 'from' and 'builtin'")
+        return self
+
+
+class OptimConfig(Strict):
+    """AdamW with linear warmup then cosine decay."""
+
+    lr: float = Field(2e-5, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of steps spent warming up")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: off)")
+
+
+class TrainConfig(Strict):
+    """The training loop: batch geometry, length, precision, checkpoints and logging."""
+
+    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step per process")
+    max_length: int = Field(1024, gt=0, description="truncate sequences to this many tokens")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision")
+    save_every: int = Field(0, ge=0, description="checkpoint (save_state) every N steps; 0: only at the end")
+    keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
+    log_every: int = Field(1, gt=0, description="write metrics every N steps")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"], description="metric sinks besides metrics.jsonl"
+    )
+    optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+
+
+class LaunchConfig(Strict):
+    """How a stage's process is started."""
+
+    num_processes: int = Field(1, gt=0, description=">1 runs the stage under accelerate launch")
+    accelerate_config: str | None = Field(None, description="an accelerate config YAML (ddp, fsdp, zero)")

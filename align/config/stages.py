@@ -1,0 +1,48 @@
+"""One config class per stage kind. A new stage kind = a class here + its entry in ``STAGE_TYPES``."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from align.config.specs import DataSpec, LaunchConfig, ModelSpec, Strict, TrainConfig
+
+
+class StageBase(Strict):
+    name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="unique name within a round")
+    launch: LaunchConfig = Field(default_factory=LaunchConfig, description="processes for this stage")
+
+    def references(self) -> list[str]:
+        """Names of the stages this one reads from."""
+        refs = []
+        for field in type(self).model_fields:
+            value = getattr(self, field)
+            ref = getattr(value, "from_stage", None)
+            if ref is not None:
+                refs.append(ref)
+        return refs
+
+
+class SFTStage(StageBase):
+    """Supervised fine-tuning on multi-turn chats; the loss is on assistant turns only."""
+
+    kind: Literal["sft"] = "sft"
+    model: ModelSpec = Field(..., description="the policy to fine-tune")
+    data: DataSpec = Field(..., description="SFT conversations (our schema or TRL 'messages')")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
+    packing: bool = Field(
+        True,
+        description="fill micro-batches by token budget (batch_size * max_length tokens) and pack "
+        "short examples end to end into rows of max_length; attention never crosses examples",
+    )
+    system_prompt: str | None = Field(None, description="system prompt added to records that have none")
+
+    @model_validator(mode="after")
+    def _tokenizer_for_builtin(self):
+        if self.model.path == "builtin:tiny" and self.model.tokenizer not in (None, "builtin:bytes"):
+            raise ValueError("model.path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
+        return self
+
+
+STAGE_TYPES = (SFTStage,)

@@ -1,0 +1,53 @@
+"""Built-in data sets, generated deterministically from a seed (nothing is downloaded).
+
+``chat``: short single- and two-turn chats a model of a few million parameters can learn on a CPU in
+a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
+"""
+
+from __future__ import annotations
+
+import random
+
+from data_schemas import Message, SFTRecord
+
+_WORDS = (
+    "apple river stone cloud tiger lemon piano rocket garden silver window candle forest button "
+    "planet mirror ocean pepper castle winter summer yellow dragon marble pillow basket camera"
+).split()
+
+
+def _task(rng: random.Random) -> tuple[str, str]:
+    kind = rng.randrange(5)
+    if kind == 0:
+        a, b = rng.randrange(100), rng.randrange(100)
+        return f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+    if kind == 1:
+        a, b = rng.randrange(20), rng.randrange(10)
+        return f"What is {a} times {b}?", f"{a} times {b} is {a * b}."
+    word = rng.choice(_WORDS)
+    if kind == 2:
+        return f"Reverse the word {word}.", f"The word {word} reversed is {word[::-1]}."
+    if kind == 3:
+        return f"Write {word} in capital letters.", f"{word.upper()}"
+    letter = rng.choice(word)
+    n = word.count(letter)
+    return (
+        f"How many times does the letter {letter} appear in {word}?",
+        f"The letter {letter} appears {n} time{'s' if n != 1 else ''} in {word}.",
+    )
+
+
+def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
+    rng = random.Random(seed)
+    records = []
+    for i in range(n):
+        q, a = _task(rng)
+        messages = [Message(role="user", content=q), Message(role="assistant", content=a)]
+        if rng.random() < 0.3:
+            q2, a2 = _task(rng)
+            messages += [Message(role="user", content="Thanks. " + q2), Message(role="assistant", content=a2)]
+        records.append(SFTRecord(messages=messages, source="builtin:chat", meta={"index": i}))
+    return records
+
+
+BUILTIN_SFT = {"chat": chat_records}

@@ -1,0 +1,50 @@
+"""Read a stage's records from files, a built-in set or an earlier stage, and split off evaluation."""
+
+from __future__ import annotations
+
+import random
+
+from align.config.specs import DataSpec
+from align.data.builtin import BUILTIN_SFT
+from data_schemas import Message, SFTRecord, read_jsonl
+
+
+def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | None = None):
+    """-> (train, eval) lists of SFTRecord."""
+    if spec.builtin is not None:
+        if spec.builtin not in BUILTIN_SFT:
+            raise ValueError(f"unknown built-in data set '{spec.builtin}'; known: {sorted(BUILTIN_SFT)}")
+        records = BUILTIN_SFT[spec.builtin](spec.builtin_size, seed)
+    else:
+        records = []
+        for path in paths:
+            rows = read_jsonl(path, "sft", skip_bad=spec.skip_bad_rows)
+            if getattr(rows, "skipped", 0):
+                print(f"{path}: skipped {rows.skipped} bad rows")
+            records += rows
+    if spec.limit is not None:
+        records = records[: spec.limit]
+    if system_prompt:
+        records = [_with_system(r, system_prompt) for r in records]
+    return split(records, spec.eval_fraction, seed)
+
+
+def _with_system(record: SFTRecord, system_prompt: str) -> SFTRecord:
+    if record.system or record.messages[0].role == "system":
+        return record
+    return record.model_copy(update={"system": system_prompt})
+
+
+def split(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    if eval_fraction <= 0:
+        return list(records), []
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    n_eval = max(1, int(round(eval_fraction * len(records))))
+    held = set(order[:n_eval])
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def conversation(record: SFTRecord) -> list[Message]:
+    return record.conversation()

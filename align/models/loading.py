@@ -1,0 +1,128 @@
+"""Load and save models: a local path or hub id via ``from_pretrained``, or the built-in tiny Llama.
+
+Saved checkpoints are plain HF folders (``save_pretrained`` + tokenizer): ``AutoModelForCausalLM``
+loads them with no align code. With LoRA, the merged model is saved there and the adapter in ``adapter/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from align.config.specs import ModelSpec
+from align.data.chat import EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, build_byte_tokenizer
+
+BUILTIN_MODEL = "builtin:tiny"
+BUILTIN_TOKENIZER = "builtin:bytes"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def load_tokenizer(spec: ModelSpec, model_path: str):
+    """The tokenizer for ``spec``; adds the Llama 3 chat template (and its special tokens) if missing."""
+    source = spec.tokenizer or model_path
+    if source in (BUILTIN_MODEL, BUILTIN_TOKENIZER):
+        return build_byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(source)
+    if not getattr(tok, "chat_template", None):
+        missing = [t for t in LLAMA3_SPECIAL_TOKENS if t not in tok.get_vocab()]
+        if missing:
+            tok.add_special_tokens({"additional_special_tokens": missing})
+        tok.chat_template = LLAMA3_CHAT_TEMPLATE
+        if tok.bos_token is None:
+            tok.bos_token = "<|begin_of_text|>"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_tiny_model(spec: ModelSpec, vocab_size: int, seed: int = 0):
+    """The built-in randomly initialised Llama, sized by ``spec.tiny``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t = spec.tiny
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers,
+        num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads,
+        max_position_embeddings=t.max_position_embeddings,
+        tie_word_embeddings=t.tie_word_embeddings,
+        rms_norm_eps=1e-5,
+    )
+    if spec.attn_implementation:
+        config._attn_implementation = spec.attn_implementation
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    dtype = _DTYPES[spec.dtype]
+    return model.to(dtype) if dtype != "auto" else model
+
+
+def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
+    """A causal LM ready to train: loaded or built, embeddings sized to the tokenizer, LoRA and
+    gradient checkpointing applied as asked."""
+    if model_path == BUILTIN_MODEL:
+        model = build_tiny_model(spec, len(tokenizer), seed)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": _DTYPES[spec.dtype]}
+        if spec.attn_implementation:
+            kwargs["attn_implementation"] = spec.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            model.resize_token_embeddings(len(tokenizer))
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    if eot is not None and eot != tokenizer.unk_token_id:
+        model.generation_config.eos_token_id = eot
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if spec.lora is not None:
+        model = apply_lora(model, spec)
+    return model
+
+
+def apply_lora(model, spec: ModelSpec):
+    from peft import LoraConfig, get_peft_model
+
+    lora = spec.lora
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    if spec.gradient_checkpointing:
+        model.enable_input_require_grads()
+    return get_peft_model(model, config)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save an HF checkpoint that plain ``transformers`` loads. LoRA: adapter to ``adapter/``, then the
+    merged weights (the model passed in is merged in place, so call this last)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(out / "adapter")
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def count_parameters(model) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable

@@ -1,0 +1,127 @@
+"""SFT stage: multi-turn chats, loss on assistant tokens (content + termination token) only.
+
+The LM head runs on the scored positions only (see ``align.models.logps``); with ``packing`` the
+examples of a micro-batch are laid end to end in one padding-free row, so no FLOP goes to padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from align.config.stages import SFTStage
+from align.data.chat import tokenize_chat
+from align.data.collate import collate_packed, collate_padded, epoch_order, group_by_count, group_by_tokens
+from align.data.sources import load_sft
+from align.models.loading import count_parameters, save_checkpoint
+from align.models.logps import TokenLogps
+from align.runtime import StageContext, StageResult
+from align.train.common import evaluate_sum, load_policy, make_accelerator
+from align.train.loop import make_plan, train
+from align.train.metrics import MetricsLogger
+from align.train.optim import build_optimizer, build_scheduler
+
+
+def sft_loss(model, batch):
+    """Summed next-token NLL over the batch's scored (assistant) tokens; the loop divides by the
+    global token count."""
+    logps = model(*batch.model_inputs())  # (N,)
+    return -logps.sum(), {}
+
+
+def scored_tokens(batch) -> float:
+    return float(batch.num_scored)
+
+
+def run(stage: SFTStage, ctx: StageContext) -> StageResult:
+    """1. accelerator and seed  2. model and tokenizer  3. data, tokenized  4. plan  5. train
+    6. held-out loss  7. save the HF checkpoint."""
+    cfg = stage.train
+    # step 1
+    accelerator = make_accelerator(cfg, ctx.seed)
+    # step 2
+    lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
+    # step 3
+    train_records, eval_records = load_sft(
+        stage.data, ctx.data_paths(stage.data), ctx.seed, stage.system_prompt
+    )
+    train_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in train_records]
+    eval_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in eval_records]
+    train_ex = [e for e in train_ex if any(e.loss_mask[1:])]
+    if not train_ex:
+        raise ValueError(f"stage '{stage.name}': no training example has an assistant token within max_length")
+    lengths = [len(e) for e in train_ex]
+    # step 4
+    token_budget = cfg.batch_size * cfg.max_length
+
+    def groups_for(order, examples_lengths):
+        if stage.packing:
+            return group_by_tokens(order, examples_lengths, token_budget)
+        return group_by_count(order, cfg.batch_size)
+
+    plan = make_plan(
+        lambda epoch: groups_for(epoch_order(len(train_ex), ctx.seed, epoch), lengths),
+        cfg.epochs,
+        cfg.grad_accum * accelerator.num_processes,
+        cfg.max_steps,
+    )
+
+    def batch_of(examples):
+        if stage.packing:
+            return collate_packed(examples, cfg.max_length, tokenizer.pad_token_id)
+        return collate_padded(examples, tokenizer.pad_token_id)
+
+    def make_train_batch(group):
+        return _to(batch_of([train_ex[i] for i in group]), accelerator.device)
+
+    # step 5
+    model = TokenLogps(lm)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    eval_groups = group_by_count(list(range(len(eval_ex))), cfg.batch_size)
+
+    def make_eval_batch(group):
+        return _to(batch_of([eval_ex[i] for i in group]), accelerator.device)
+
+    def held_out_loss():
+        if not eval_ex:
+            return None
+        return evaluate_sum(model, eval_groups, make_eval_batch, sft_loss, scored_tokens, accelerator)
+
+    eval_before = held_out_loss()
+    logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
+    total, trainable = count_parameters(lm)
+    accelerator.print(
+        f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval examples, {len(plan)} steps, "
+        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
+    )
+    summary = train(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
+        make_batch=make_train_batch, loss_fn=sft_loss, units=scored_tokens, cfg=cfg,
+        out_dir=ctx.out_dir, logger=logger, desc=stage.name,
+    )
+    # step 6
+    eval_after = held_out_loss()
+    metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
+               "steps": summary.steps, "train_tokens": summary.tokens}
+    if eval_after is not None:
+        metrics.update(eval_loss_before=eval_before, eval_loss=eval_after)
+        logger.log(summary.steps, {"loss": eval_after}, prefix="eval")
+    logger.close()
+    # step 7
+    model_dir = Path(ctx.out_dir) / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
+    accelerator.wait_for_everyone()
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+
+
+def _to(batch, device):
+    for name in ("input_ids", "position_ids", "attention_mask", "index", "targets", "example_ids"):
+        value = getattr(batch, name)
+        if value is not None:
+            setattr(batch, name, value.to(device))
+    return batch
