@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, build_byte_tokenizer
 
@@ -82,7 +83,7 @@ def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
         model.generation_config.eos_token_id = eot
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is not None:
         model = apply_lora(model, spec)

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny models and data, and where ../shared/data is (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+def tiny_sft_recipe(tmp_path: Path, **train) -> dict:
+    """A recipe dict with one SFT stage on a tiny model and the built-in chat data."""
+    return {
+        "name": "t",
+        "seed": 0,
+        "output_dir": str(tmp_path / "runs"),
+        "stages": [{
+            "name": "sft",
+            "kind": "sft",
+            "model": {"path": "builtin:tiny", "tiny": {"hidden_size": 32, "intermediate_size": 64,
+                                                       "num_hidden_layers": 2, "num_attention_heads": 2,
+                                                       "num_key_value_heads": 1}},
+            "data": {"builtin": "chat", "builtin_size": 64, "eval_fraction": 0.1},
+            "train": {"batch_size": 4, "max_length": 96, "max_steps": 6, "report_to": [],
+                      "optim": {"lr": 3e-3, "warmup_ratio": 0.0}, **train},
+        }],
+    }
