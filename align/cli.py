@@ -69,6 +69,14 @@ def _cmd_options(args) -> int:
     return 0
 
 
+def _register_eval_commands(sub) -> None:
+    """One line per ``align eval X`` command; each module adds its own subparser (``add_command``)."""
+
+
+def _register_data_commands(sub) -> None:
+    """One line per ``align data X`` command; each module adds its own subparser (``add_command``)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="align",
@@ -98,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("recipe", help="recipe YAML file")
     val.add_argument("overrides", nargs="*", help="key=value changes to the recipe")
     val.set_defaults(func=_cmd_validate)
+
+    ev = sub.add_parser("eval", help="evaluate a reward model or a policy", description="Evaluate models.")
+    ev_sub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")
+    _register_eval_commands(ev_sub)
+
+    data = sub.add_parser("data", help="write built-in data sets", description="Generate data sets.")
+    data_sub = data.add_subparsers(dest="what", required=True, metavar="WHAT")
+    _register_data_commands(data_sub)
 
     opt = sub.add_parser("options", help="list every setting of a stage kind, with its default")
     opt.add_argument("kind", nargs="?", help=f"stage kind ({', '.join(STAGE_BY_KIND)}); all when omitted")

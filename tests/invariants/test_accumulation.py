@@ -18,6 +18,7 @@ from align.train.metrics import MetricsLogger
 from align.train.sft import scored_tokens, sft_loss
 
 MAX_LENGTH = 64
+PACK_ROW = 128  # packed rows hold 2-3 examples, so attention must not cross examples inside a row
 N_EXAMPLES = 8
 
 
@@ -74,7 +75,7 @@ def step_grads(setup, tmp_path, micro, collate, loss_fn=sft_loss, units=scored_t
     size = N_EXAMPLES // micro
     plan = [[list(range(i * size, (i + 1) * size)) for i in range(micro)]]
     if collate == "packed":
-        make_batch = lambda group: collate_packed([examples[i] for i in group], MAX_LENGTH, tokenizer.pad_token_id)  # noqa: E731
+        make_batch = lambda group: collate_packed([examples[i] for i in group], PACK_ROW, tokenizer.pad_token_id)  # noqa: E731
     else:
         make_batch = lambda group: collate_padded([examples[i] for i in group], tokenizer.pad_token_id)  # noqa: E731
     cfg = TrainConfig(grad_accum=micro, max_length=MAX_LENGTH, report_to=[], optim=OptimConfig(max_grad_norm=None))

@@ -1,0 +1,112 @@
+"""One row per prompt: the prompt once, then every response, each seeing the prompt and itself only.
+
+Used by the reward model (all ranked responses of a prompt in one row) and DPO (chosen and rejected
+sharing the prompt). Exact, not an approximation:
+
+- attention: token i may attend token j iff j <= i and (j is in the prompt or j is in i's response);
+- position ids: 0..P-1 for the prompt, and P, P+1, ... again for every response, so each response
+  sees exactly the positions it would see in a row of its own.
+
+The mask is a 4D additive float mask (B, 1, T, T) that HF models take as is (SDPA and eager
+attention; flash-attention kernels do not take arbitrary masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SharedPromptRow:
+    input_ids: list[int]
+    position_ids: list[int]
+    segments: list[int]  # -1 on the prompt, k on response k
+    spans: list[tuple[int, int]]  # [start, end) of each response in the row
+
+    @property
+    def prompt_length(self) -> int:
+        return self.spans[0][0]
+
+
+def build_row(prompt_ids: Sequence[int], responses: Sequence[Sequence[int]]) -> SharedPromptRow:
+    if not prompt_ids:
+        raise ValueError("empty prompt")
+    if any(len(r) == 0 for r in responses):
+        raise ValueError("empty response")
+    p = len(prompt_ids)
+    ids, positions, segments, spans = list(prompt_ids), list(range(p)), [-1] * p, []
+    for k, resp in enumerate(responses):
+        spans.append((len(ids), len(ids) + len(resp)))
+        ids += resp
+        positions += range(p, p + len(resp))
+        segments += [k] * len(resp)
+    return SharedPromptRow(ids, positions, segments, spans)
+
+
+@dataclass
+class SharedPromptBatch:
+    input_ids: torch.Tensor  # (B, T)
+    position_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, 1, T, T) additive float mask
+    index: torch.Tensor  # (N,) flat positions whose next token is a response token
+    targets: torch.Tensor  # (N,) that response token
+    owner: torch.Tensor  # (N,) which response (0..R-1 over the whole batch) the token belongs to
+    last_index: torch.Tensor  # (R,) flat position of each response's last token
+    responses_per_row: list[int]
+    num_tokens: int
+
+    def model_inputs(self) -> tuple:
+        return self.input_ids, self.position_ids, self.attention_mask, self.index, self.targets
+
+
+def block_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, T) segments (-1 prompt, k response, pad anything) + (B, T) valid -> (B, 1, T, T) additive."""
+    t = segments.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # (B, T, 1), (B, 1, T)
+    allowed = causal & ((k == -1) | (k == q)) & valid.unsqueeze(1) & valid.unsqueeze(2)
+    allowed |= torch.eye(t, dtype=torch.bool)  # pad rows attend to themselves (no all -inf rows)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask.unsqueeze(1)
+
+
+def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.float32) -> SharedPromptBatch:
+    width = max(len(r.input_ids) for r in rows)
+    b = len(rows)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    positions = torch.zeros((b, width), dtype=torch.long)
+    segments = torch.full((b, width), -2, dtype=torch.long)
+    valid = torch.zeros((b, width), dtype=torch.bool)
+    index, targets, owner, last = [], [], [], []
+    r_global = 0
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        positions[i, :n] = torch.tensor(row.position_ids)
+        segments[i, :n] = torch.tensor(row.segments)
+        valid[i, :n] = True
+        base = i * width
+        for start, end in row.spans:
+            # the first response token is predicted from the last prompt token; the rest from the
+            # response's own previous token
+            predictors = [row.prompt_length - 1] + list(range(start, end - 1))
+            index += [base + t for t in predictors]
+            targets += row.input_ids[start:end]
+            owner += [r_global] * (end - start)
+            last.append(base + end - 1)
+            r_global += 1
+    return SharedPromptBatch(
+        input_ids=ids,
+        position_ids=positions,
+        attention_mask=block_mask(segments, valid, dtype),
+        index=torch.tensor(index, dtype=torch.long),
+        targets=torch.tensor(targets, dtype=torch.long),
+        owner=torch.tensor(owner, dtype=torch.long),
+        last_index=torch.tensor(last, dtype=torch.long),
+        responses_per_row=[len(r.spans) for r in rows],
+        num_tokens=int(valid.sum()),
+    )
