@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 def enable_activation_checkpointing(model) -> None:
-    """transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``.
+    """transformers 5.x renamed ``gradient_checkpointing_enable(gradient_checkpointing_kwargs=)`` to
+    ``activation_checkpointing_enable(activation_checkpointing_kwargs=)``.
     Remove when the transformers floor in pyproject.toml is a release that has the new name."""
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
