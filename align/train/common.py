@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,7 +15,10 @@ def make_accelerator(cfg: TrainConfig, seed: int):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # torchrun without GPUs: accelerate sets up gloo (MULTI_CPU) only when told cpu=True; otherwise every
+    # process trains alone on its own plan and all of them act as the main process.
+    cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
     set_seed(seed)
     return accelerator
 

@@ -114,12 +114,14 @@ def train(
     ckpt_root = Path(out_dir) / "checkpoints"
     fingerprint = plan_hash(plan)
     start, tokens_seen = 0, 0
+    first_loss = last_loss = None
     last = latest_checkpoint(ckpt_root)
     if last is not None:
         state = json.loads((last / "loop_state.json").read_text())
         if state.get("plan") == fingerprint:
             accelerator.load_state(str(last))
             start, tokens_seen = state["step"], state.get("tokens", 0)
+            first_loss = state.get("first_loss")
             logger.truncate_after(start)
             accelerator.print(f"[{desc}] resuming from {last.name} (step {start}/{len(plan)})")
         else:
@@ -130,7 +132,6 @@ def train(
         total=len(plan), initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
     )
     model.train()
-    first_loss = last_loss = None
     t_start = time.perf_counter()
     for step in range(start, len(plan)):
         t0 = time.perf_counter()
@@ -173,7 +174,7 @@ def train(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
-            state = {"plan": fingerprint, "tokens": tokens_seen}
+            state = {"plan": fingerprint, "tokens": tokens_seen, "first_loss": first_loss}
             save_checkpoint_state(accelerator, ckpt_root, done, state, cfg.keep_checkpoints)
         if on_step is not None:
             on_step(done)

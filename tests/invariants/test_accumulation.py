@@ -53,20 +53,30 @@ def setup():
     tokenizer = build_byte_tokenizer()
     # 8 chats of distinct lengths (34..62 tokens) with assistant spans of distinct lengths
     examples = [
-        tokenize_chat(tokenizer, [
-            {"role": "user", "content": "sum " + "1 " * k},
-            {"role": "assistant", "content": "it is " + str(k) + "!" * (2 * k)},
-        ], MAX_LENGTH)
+        tokenize_chat(
+            tokenizer,
+            [
+                {"role": "user", "content": "sum " + "1 " * k},
+                {"role": "assistant", "content": "it is " + str(k) + "!" * (2 * k)},
+            ],
+            MAX_LENGTH,
+        )
         for k in range(N_EXAMPLES)
     ]
     assert len({len(ex) for ex in examples}) == N_EXAMPLES and max(len(ex) for ex in examples) <= MAX_LENGTH
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = TokenLogps(LlamaForCausalLM(config))
-    return Accelerator(cpu=True), model, tokenizer, examples
+    return Accelerator(), model, tokenizer, examples
 
 
 def step_grads(setup, tmp_path, micro, collate, loss_fn=sft_loss, units=scored_tokens):
@@ -74,17 +84,31 @@ def step_grads(setup, tmp_path, micro, collate, loss_fn=sft_loss, units=scored_t
     accelerator, model, tokenizer, examples = setup
     size = N_EXAMPLES // micro
     plan = [[list(range(i * size, (i + 1) * size)) for i in range(micro)]]
-    if collate == "packed":
-        make_batch = lambda group: collate_packed([examples[i] for i in group], PACK_ROW, tokenizer.pad_token_id)  # noqa: E731
-    else:
-        make_batch = lambda group: collate_padded([examples[i] for i in group], tokenizer.pad_token_id)  # noqa: E731
-    cfg = TrainConfig(grad_accum=micro, max_length=MAX_LENGTH, report_to=[], optim=OptimConfig(max_grad_norm=None))
+
+    def make_batch(group):
+        chosen = [examples[i] for i in group]
+        if collate == "packed":
+            return collate_packed(chosen, PACK_ROW, tokenizer.pad_token_id)
+        return collate_padded(chosen, tokenizer.pad_token_id)
+
+    cfg = TrainConfig(
+        grad_accum=micro, max_length=MAX_LENGTH, report_to=[], optim=OptimConfig(max_grad_norm=None)
+    )
     optimizer = GradRecorder(model.parameters())
     out = tmp_path / f"{collate}_{micro}_{loss_fn.__name__}"
     train(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=ConstantLR(), plan=plan,
-        make_batch=make_batch, loss_fn=loss_fn, units=units, cfg=cfg, out_dir=out,
-        logger=MetricsLogger(out, [], enabled=False), desc="accum",
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=ConstantLR(),
+        plan=plan,
+        make_batch=make_batch,
+        loss_fn=loss_fn,
+        units=units,
+        cfg=cfg,
+        out_dir=out,
+        logger=MetricsLogger(out, [], enabled=False),
+        desc="accum",
     )
     assert optimizer.grads is not None
     return torch.cat([g.flatten() for g in optimizer.grads])
