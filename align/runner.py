@@ -24,7 +24,8 @@ from pathlib import Path
 from align.config.recipe import Recipe, dump_recipe, load_recipe
 from align.runtime import StageContext, StageResult, read_result, write_result
 
-STAGE_MODULES = {"sft": "align.train.sft"}
+STAGE_MODULES = {"sft": "align.train.sft", "dpo": "align.train.dpo", "reward_model": "align.train.reward_model",
+                 "model_average": "align.stages.model_average"}
 VERSION = "0.1.0"
 
 
@@ -46,14 +47,15 @@ def fingerprint(recipe: Recipe, stage, round_: int, upstream_fps: dict[str, str]
     h.update(stage.model_dump_json(by_alias=True).encode())
     h.update(f"seed={recipe.seed};round={round_}".encode())
     for ref in sorted(stage.references()):
-        h.update(f"{ref}={upstream_fps[ref]}".encode())
+        h.update(f"{ref}={upstream_fps.get(ref, 'none')}".encode())  # 'prev.X' is absent in round 1
     for field in type(stage).model_fields:
         value = getattr(stage, field)
-        for p in getattr(value, "paths", []) or []:
-            _hash_path(Path(p), h)
-        path = getattr(value, "path", None)
-        if isinstance(path, str) and Path(path).exists():
-            _hash_path(Path(path), h)
+        for item in value if isinstance(value, list) else [value]:  # a list of specs: hash each one's input
+            for p in getattr(item, "paths", []) or []:
+                _hash_path(Path(p), h)
+            path = getattr(item, "path", None)
+            if isinstance(path, str) and Path(path).exists():
+                _hash_path(Path(path), h)
     return h.hexdigest()[:20]
 
 
@@ -61,9 +63,18 @@ def stage_dir(recipe: Recipe, round_: int, name: str) -> Path:
     return recipe.run_dir / f"round_{round_}" / name
 
 
-def run_stage_here(recipe: Recipe, stage, round_: int, upstream: dict[str, StageResult]) -> StageResult:
+def _view(current: dict, previous: dict) -> dict:
+    """What a stage can refer to: this round's earlier stages by name, the previous round's as prev.NAME."""
+    return {**{f"prev.{k}": v for k, v in previous.items()}, **current}
+
+
+def run_stage_here(recipe: Recipe, stage, round_: int, history: dict[int, dict[str, StageResult]]) -> StageResult:
     module = importlib.import_module(STAGE_MODULES[stage.kind])
-    ctx = StageContext(recipe=recipe, round=round_, out_dir=stage_dir(recipe, round_, stage.name), upstream=upstream)
+    ctx = StageContext(
+        recipe=recipe, round=round_, out_dir=stage_dir(recipe, round_, stage.name),
+        upstream=_view(history.get(round_, {}), history.get(round_ - 1, {})),
+        history={r: v for r, v in history.items() if r < round_},
+    )
     return module.run(stage, ctx)
 
 
@@ -85,12 +96,14 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
     resolved = run_dir / "resolved.yaml"
     resolved.write_text(dump_recipe(recipe))
     records, worked = [], False
+    history: dict[int, dict[str, StageResult]] = {}
+    all_fps: dict[int, dict[str, str]] = {}
     for round_ in range(1, recipe.rounds + 1):
-        results: dict[str, StageResult] = {}
-        fps: dict[str, str] = {}
+        results = history.setdefault(round_, {})
+        fps = all_fps.setdefault(round_, {})
         for stage in recipe.stages:
             out = stage_dir(recipe, round_, stage.name)
-            fp = fingerprint(recipe, stage, round_, fps)
+            fp = fingerprint(recipe, stage, round_, _view(fps, all_fps.get(round_ - 1, {})))
             old_fp, old = read_result(out)
             t0 = time.perf_counter()
             if old_fp == fp:
@@ -107,7 +120,7 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
                     _launch_children(resolved, stage, round_)
                     _, result = read_result(out)
                 else:
-                    result = run_stage_here(recipe, stage, round_, results)
+                    result = run_stage_here(recipe, stage, round_, history)
                     write_result(out, result, fp)
                 gc.collect()
                 skipped, worked = False, True
@@ -146,16 +159,19 @@ def _child_main(argv=None) -> None:
     p.add_argument("--round", type=int, default=1)
     args = p.parse_args(argv)
     recipe = load_recipe(args.recipe)
-    upstream, fps = {}, {}
-    for stage in recipe.stages:
-        fp = fingerprint(recipe, stage, args.round, fps)
-        if stage.name == args.stage:
-            result = run_stage_here(recipe, stage, args.round, upstream)
-            if int(os.environ.get("RANK", "0")) == 0:
-                write_result(stage_dir(recipe, args.round, stage.name), result, fp)
-            return
-        _, upstream[stage.name] = read_result(stage_dir(recipe, args.round, stage.name))
-        fps[stage.name] = fp
+    history: dict[int, dict[str, StageResult]] = {}
+    all_fps: dict[int, dict[str, str]] = {}
+    for round_ in range(1, args.round + 1):
+        for stage in recipe.stages:
+            fps = all_fps.setdefault(round_, {})
+            fp = fingerprint(recipe, stage, round_, _view(fps, all_fps.get(round_ - 1, {})))
+            if round_ == args.round and stage.name == args.stage:
+                result = run_stage_here(recipe, stage, round_, history)
+                if int(os.environ.get("RANK", "0")) == 0:
+                    write_result(stage_dir(recipe, round_, stage.name), result, fp)
+                return
+            _, history.setdefault(round_, {})[stage.name] = read_result(stage_dir(recipe, round_, stage.name))
+            fps[stage.name] = fp
 
 
 if __name__ == "__main__":

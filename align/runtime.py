@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from align.config.recipe import Recipe
-from align.config.specs import DataSpec, ModelSpec
+from align.config.specs import PREV, DataSpec, ModelSpec, as_refs
 
 
 class StageInputError(ValueError):
@@ -28,30 +28,47 @@ class StageContext:
     recipe: Recipe
     round: int  # 1-based
     out_dir: Path  # this stage's folder
-    upstream: dict[str, StageResult] = field(default_factory=dict)  # earlier stages of this round
+    upstream: dict[str, StageResult] = field(default_factory=dict)  # "NAME": this round, "prev.NAME": last
+    history: dict[int, dict[str, StageResult]] = field(default_factory=dict)  # earlier rounds, all stages
 
     @property
     def seed(self) -> int:
         return self.recipe.seed + 1000 * (self.round - 1)
 
     def model_path(self, spec: ModelSpec) -> str:
-        if spec.from_stage is None:
+        """The first listed stage that has a model output, else ``spec.path``."""
+        for ref in as_refs(spec.from_stage):
+            result = self.upstream.get(ref)
+            if result is not None and "model" in result.artifacts:
+                return result.artifacts["model"]
+        if spec.path is not None:
             return spec.path
-        return self._artifact(spec.from_stage, "model")
+        raise StageInputError(f"none of {as_refs(spec.from_stage)} has a model output in round {self.round}")
 
     def data_paths(self, spec: DataSpec, artifact: str = "data") -> list[str]:
-        if spec.from_stage is not None:
-            return [self._artifact(spec.from_stage, artifact)]
+        """Files of ``spec.paths`` and the ``artifact`` outputs of every listed stage (and, with
+        ``accumulate``, of the same stages in every earlier round), oldest first."""
+        out: list[str] = []
+        for ref in as_refs(spec.from_stage):
+            name = ref.removeprefix(PREV)
+            if spec.accumulate:
+                last = self.round - (2 if ref.startswith(PREV) else 1)
+                for r in range(1, last + 1):
+                    earlier = self.history.get(r, {}).get(name)
+                    if earlier is not None and artifact in earlier.artifacts:
+                        out.append(earlier.artifacts[artifact])
+            result = self.upstream.get(ref)
+            if result is None:
+                if ref.startswith(PREV) and self.round == 1:
+                    continue  # round 1 has no previous round
+                raise StageInputError(f"stage '{ref}' has not run")
+            if artifact not in result.artifacts:
+                raise StageInputError(f"stage '{ref}' has no '{artifact}' output")
+            out.append(result.artifacts[artifact])
         missing = [p for p in spec.paths if not Path(p).is_file()]
         if missing:
             raise StageInputError(f"data file(s) not found: {', '.join(missing)}")
-        return list(spec.paths)
-
-    def _artifact(self, stage: str, name: str) -> str:
-        result = self.upstream.get(stage)
-        if result is None or name not in result.artifacts:
-            raise StageInputError(f"stage '{stage}' has no '{name}' output")
-        return result.artifacts[name]
+        return list(dict.fromkeys(list(spec.paths) + out))
 
 
 def write_result(out_dir: Path, result: StageResult, fingerprint: str) -> None:

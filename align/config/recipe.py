@@ -14,7 +14,7 @@ from typing import Annotated, Any, Union
 import yaml
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-from align.config.specs import Strict
+from align.config.specs import PREV, Strict
 from align.config.stages import STAGE_TYPES
 
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]  # noqa: UP007 (tuple unpacking)
@@ -41,10 +41,16 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _names_and_references(self):
         seen: set[str] = set()
+        every = {s.name for s in self.stages}
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name '{stage.name}' is used twice")
             for ref in stage.references():
+                if ref.startswith(PREV):
+                    if ref[len(PREV):] not in every:
+                        hint = _suggest(ref[len(PREV):], every)
+                        raise ValueError(f"stage '{stage.name}' reads from '{ref}': no stage of that name{hint}")
+                    continue
                 if ref not in seen:
                     hint = _suggest(ref, seen)
                     raise ValueError(

@@ -36,14 +36,34 @@ class LoraConfig(Strict):
     )
 
 
+PREV = "prev."  # a reference to a stage of the previous round: "prev.dpo"
+
+
+def as_refs(value: str | list[str] | None) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _only_previous_round(refs: list[str]) -> bool:
+    return bool(refs) and all(r.startswith(PREV) for r in refs)
+
+
 class ModelSpec(Strict):
-    """Where a model comes from: a path or hub id, the built-in tiny model, or an earlier stage's output."""
+    """Where a model comes from: a path or hub id, the built-in tiny model, or an earlier stage's output.
+
+    ``from`` may list several stages: the first one that has run is used (``[prev.dpo, sft]``: the
+    previous round's DPO model, or in round 1 this round's SFT model). ``path`` together with a
+    ``prev.`` reference is the round-1 fallback.
+    """
 
     path: str | None = Field(
         None, description="local directory or hub id for from_pretrained; 'builtin:tiny' for the built-in model"
     )
-    from_stage: str | None = Field(
-        None, alias="from", description="name of an earlier stage whose checkpoint to start from"
+    from_stage: str | list[str] | None = Field(
+        None, alias="from",
+        description="an earlier stage whose checkpoint to start from ('NAME' this round, 'prev.NAME' the "
+        "previous round); a list means the first that exists",
     )
     tokenizer: str | None = Field(
         None, description="tokenizer path or hub id (default: the model's; 'builtin:bytes' for the built-in)"
@@ -58,8 +78,16 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        if (self.path is None) == (self.from_stage is None):
-            raise ValueError("give exactly one of 'path' and 'from'")
+        refs = as_refs(self.from_stage)
+        if self.path is None and not refs:
+            raise ValueError("give 'path' or 'from'")
+        if self.path is not None and refs and not _only_previous_round(refs):
+            raise ValueError("give exactly one of 'path' and 'from' (a path may only back up 'prev.' references)")
+        if _only_previous_round(refs) and self.path is None:
+            raise ValueError(
+                "'from' names only previous-round stages, which round 1 does not have: add a same-round "
+                "stage to the list or a 'path' to start from"
+            )
         return self
 
 
@@ -67,7 +95,14 @@ class DataSpec(Strict):
     """Where records come from: JSONL files (our schema or TRL's format), a built-in set, or a stage."""
 
     paths: list[str] = Field(default_factory=list, description="JSONL files, read in order")
-    from_stage: str | None = Field(None, alias="from", description="an earlier stage whose data output to read")
+    from_stage: str | list[str] | None = Field(
+        None, alias="from",
+        description="earlier stage(s) whose data output to read ('NAME' this round, 'prev.NAME' the "
+        "previous round; a 'prev.' stage is skipped in round 1); all listed outputs are read",
+    )
+    accumulate: bool = Field(
+        False, description="also read the outputs of the same stages in every earlier round"
+    )
     builtin: str | None = Field(None, description="a built-in data set, e.g. 'chat' (generated, no download)")
     builtin_size: int = Field(512, gt=0, description="records to generate for a built-in set")
     limit: int | None = Field(None, gt=0, description="read at most this many records")
@@ -76,9 +111,16 @@ class DataSpec(Strict):
 
     @model_validator(mode="after")
     def _one_source(self):
-        given = sum([bool(self.paths), self.from_stage is not None, self.builtin is not None])
-        if given != 1:
-            raise ValueError("give exactly one of 'paths', 'from' and 'builtin'")
+        refs = as_refs(self.from_stage)
+        if self.builtin is not None and (self.paths or refs):
+            raise ValueError("'builtin' cannot be combined with 'paths' or 'from'")
+        if self.builtin is None and not self.paths and not refs:
+            raise ValueError("give 'paths', 'from' or 'builtin'")
+        if _only_previous_round(refs) and not self.paths:
+            raise ValueError(
+                "'from' names only previous-round stages, which round 1 does not have: add 'paths' or a "
+                "same-round stage"
+            )
         return self
 
 
