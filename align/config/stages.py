@@ -4,24 +4,36 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from align.config.specs import DataSpec, LaunchConfig, ModelSpec, Strict, TrainConfig
+from align.config.specs import DataSpec, LaunchConfig, ModelSpec, Strict, TrainConfig, as_refs
 
 
 class StageBase(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="unique name within a round")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="processes for this stage")
 
+    def sources(self) -> list:
+        """Every spec with a ``from_stage`` field (model and data specs), found at any depth."""
+        found = []
+
+        def walk(value):
+            if isinstance(value, list):
+                for item in value:
+                    walk(item)
+            elif isinstance(value, BaseModel):
+                if "from_stage" in type(value).model_fields:
+                    found.append(value)
+                for name in type(value).model_fields:
+                    walk(getattr(value, name))
+
+        for name in type(self).model_fields:
+            walk(getattr(self, name))
+        return found
+
     def references(self) -> list[str]:
-        """Names of the stages this one reads from."""
-        refs = []
-        for field in type(self).model_fields:
-            value = getattr(self, field)
-            ref = getattr(value, "from_stage", None)
-            if ref is not None:
-                refs.append(ref)
-        return refs
+        """Names of the stages this one reads from ('NAME' or 'prev.NAME')."""
+        return [ref for spec in self.sources() for ref in as_refs(spec.from_stage)]
 
 
 class SFTStage(StageBase):
@@ -45,4 +57,9 @@ class SFTStage(StageBase):
         return self
 
 
-STAGE_TYPES = (SFTStage,)
+from align.config.dpo import DPOStage  # noqa: E402 (subclasses StageBase above)
+from align.config.model_average import ModelAverageStage  # noqa: E402
+from align.config.reward_model import RewardModelStage  # noqa: E402
+from align.config.rejection_sampling import RejectionSamplingStage  # noqa: E402
+
+STAGE_TYPES = (SFTStage, DPOStage, RewardModelStage, ModelAverageStage, RejectionSamplingStage)

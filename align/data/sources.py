@@ -48,3 +48,21 @@ def split(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
 
 def conversation(record: SFTRecord) -> list[Message]:
     return record.conversation()
+
+
+def load_prompts(spec: DataSpec, paths: list[str], seed: int):
+    """-> list of PromptRecord from a built-in pool or files (any of our record kinds)."""
+    from align.data.builtin import BUILTIN_PROMPTS
+
+    if spec.builtin is not None:
+        if spec.builtin not in BUILTIN_PROMPTS:
+            raise ValueError(f"unknown built-in prompt set '{spec.builtin}'; known: {sorted(BUILTIN_PROMPTS)}")
+        records = BUILTIN_PROMPTS[spec.builtin](spec.builtin_size, seed)
+    else:
+        records = []
+        for path in paths:
+            rows = read_jsonl(path, "prompt", skip_bad=spec.skip_bad_rows)
+            if getattr(rows, "skipped", 0):
+                print(f"{path}: skipped {rows.skipped} bad rows")
+            records += rows
+    return records[: spec.limit] if spec.limit is not None else records
