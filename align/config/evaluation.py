@@ -1,0 +1,36 @@
+"""Evaluation stage: generate on held-out prompts, judge, score, and measure KL to a reference."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from align.config.sampling import GenerationBackend, SamplingParams
+from align.config.specs import DataSpec, ModelSpec
+from align.config.stages import StageBase
+
+
+class EvaluationStage(StageBase):
+    """Generate one answer per held-out prompt with the policy and report the built-in world's gold
+    metrics (gold_helpfulness, safety_violation_rate, over_refusal_rate, per-family accuracy), the
+    reward models' mean scores, and kl_to_reference."""
+
+    kind: Literal["evaluate"] = "evaluate"
+    model: ModelSpec = Field(..., description="the policy to evaluate")
+    prompts: DataSpec = Field(
+        default_factory=lambda: DataSpec(builtin="world_eval", builtin_size=300),
+        description="held-out prompts (default: the built-in world's evaluation prompts)",
+    )
+    reference: ModelSpec | None = Field(None, description="policy to measure KL against (null: no KL)")
+    reward_models: dict[str, ModelSpec] = Field(
+        default_factory=dict, description="name -> reward model; reports the mean score as reward/<name>"
+    )
+    sampling: SamplingParams = Field(
+        default_factory=lambda: SamplingParams(temperature=0.0, max_new_tokens=64, batch_size=32),
+        description="decoding settings (default greedy)",
+    )
+    backend: GenerationBackend = Field("hf", description="hf or vllm")
+    gold: Literal["auto", "on", "off"] = Field(
+        "auto", description="gold metrics of the built-in world: auto = when the prompts are world prompts"
+    )

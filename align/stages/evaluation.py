@@ -1,0 +1,171 @@
+"""Evaluation: generate on held-out prompts and report gold metrics, reward-model scores and KL.
+
+``kl_to_reference`` is the per-token KL(policy || reference) over the full next-token distributions,
+summed over each response's tokens and averaged over prompts, along the policy's own (evaluation)
+responses: deterministic for greedy decoding and never negative, unlike a sampled log-ratio estimate.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align.config.evaluation import EvaluationStage
+from align.config.sampling import SamplingParams
+from align.config.specs import DataSpec, ModelSpec
+from align.data.chat import tokenize_prompt
+from align.data.sources import load_prompts
+from align.generation import make_generator
+from align.models.loading import load_causal_lm, load_tokenizer
+from align.runtime import StageContext, StageResult
+from data_schemas import PromptRecord, write_jsonl
+
+
+def _load(spec: ModelSpec, path: str, seed: int):
+    tokenizer = load_tokenizer(spec, path)
+    model = load_causal_lm(spec.model_copy(update={"lora": None, "gradient_checkpointing": False}),
+                           path, tokenizer, seed=seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return model.to(device).eval(), tokenizer
+
+
+@torch.no_grad()
+def _response_logits(model, tokenizer, prompts, responses, batch_size: int = 16):
+    """Per prompt: (n_response_tokens, V) float32 log-softmax over the response positions (incl. eot)."""
+    from align.data.chat import termination_token_id
+
+    eot = termination_token_id(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
+            prompt_ids = tokenize_prompt(tokenizer, p)
+            resp_ids = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eot]
+            rows.append(prompt_ids + resp_ids)
+            spans.append((len(prompt_ids), len(resp_ids)))
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, x in enumerate(rows):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
+        for i, (p_len, r_len) in enumerate(spans):
+            out.append(logits[i, p_len - 1 : p_len - 1 + r_len].log_softmax(-1).cpu())
+    return out
+
+
+def kl_to_reference(policy, reference, tokenizer, prompts, responses) -> float:
+    pol = _response_logits(policy, tokenizer, prompts, responses)
+    ref = _response_logits(reference, tokenizer, prompts, responses)
+    per_prompt = [float((p.exp() * (p - r)).sum()) for p, r in zip(pol, ref)]
+    return sum(per_prompt) / max(len(per_prompt), 1)
+
+
+def _is_world(prompts) -> bool:
+    from rewards.gold import read_prompt
+
+    try:
+        for p in prompts[:20]:
+            read_prompt(p)
+        return True
+    except ValueError:
+        return False
+
+
+def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec | None = None,
+             reference_path: str | None = None, reference_spec: ModelSpec | None = None,
+             reward_models: dict[str, str] | None = None, sampling: SamplingParams | None = None,
+             backend: str = "hf", gold: str = "auto", seed: int = 0) -> tuple[dict, list[str]]:
+    """-> (metrics, responses). Runs one model at a time, so peak memory is one model."""
+    from eval.world_eval import as_messages, world_metrics
+
+    spec = spec or ModelSpec(path=policy_path)
+    sampling = sampling or SamplingParams(temperature=0.0, max_new_tokens=64, batch_size=32)
+    convs = [as_messages(p) for p in prompts]
+    # step 1: generate
+    model, tokenizer = _load(spec, policy_path, seed)
+    generator = make_generator("hf", model=model, tokenizer=tokenizer) if backend == "hf" \
+        else make_generator("vllm", policy_path, tokenizer=tokenizer)
+    responses = [s[0].text for s in generator.sample(convs, 1, sampling)]
+    metrics: dict[str, float] = {}
+    # step 2: gold judge
+    if gold == "on" or (gold == "auto" and _is_world(convs)):
+        metrics.update(world_metrics(convs, responses))
+    metrics["response_length"] = sum(len(r) for r in responses) / max(len(responses), 1)
+    # step 3: KL to the reference
+    if reference_path is not None:
+        ref_model, _ = _load(reference_spec or ModelSpec(path=reference_path), reference_path, seed)
+        metrics["kl_to_reference"] = kl_to_reference(model, ref_model, tokenizer, convs, responses)
+        del ref_model
+    del model, generator
+    # step 4: reward models
+    if reward_models:
+        from rewards.scoring import RewardScorer
+
+        for name, path in reward_models.items():
+            scorer = RewardScorer.from_pretrained(path)
+            metrics[f"reward/{name}"] = sum(scorer.score(convs, responses)) / max(len(convs), 1)
+            del scorer
+    return metrics, responses
+
+
+def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
+    """1. prompts  2. generate, judge, KL, reward scores (see ``evaluate``)  3. write answers + metrics."""
+    # step 1
+    prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, "prompts"), seed=0)
+    # step 2
+    reference = ctx.model_path(stage.reference) if stage.reference is not None else None
+    metrics, responses = evaluate(
+        ctx.model_path(stage.model), prompts, spec=stage.model, reference_path=reference,
+        reference_spec=stage.reference,
+        reward_models={n: ctx.model_path(s) for n, s in stage.reward_models.items()},
+        sampling=stage.sampling, backend=stage.backend, gold=stage.gold, seed=ctx.seed,
+    )
+    # step 3
+    out = Path(ctx.out_dir)
+    write_jsonl(out / "answers.jsonl", [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
+                                         for p, r in zip(prompts, responses)])
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return StageResult(artifacts={"answers": str(out / "answers.jsonl")}, metrics=metrics)
+
+
+def add_command(subparsers) -> None:
+    """``align eval policy``"""
+    p = subparsers.add_parser(
+        "policy", help="generate on held-out prompts and report gold metrics, RM scores and KL",
+        description="Evaluate a policy checkpoint: greedy answers to held-out prompts (default: the built-in "
+        "world's evaluation prompts), judged by the world's gold judge when the prompts are world prompts; "
+        "optionally reward-model scores and KL to a reference. Prints the metrics as JSON on the last line.",
+    )
+    p.add_argument("--model", required=True, help="policy checkpoint (HF folder or hub id)")
+    p.add_argument("--prompts", help="prompt file (JSONL: prompt records or any preference/SFT file)")
+    p.add_argument("--n", type=int, default=300, help="number of built-in evaluation prompts (default 300)")
+    p.add_argument("--reference", help="reference policy for kl_to_reference")
+    p.add_argument("--reward-model", action="append", default=[], metavar="NAME=PATH",
+                   help="a reward model to score the answers with (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default 32)")
+    p.add_argument("--out", help="also write the answers to this JSONL file")
+    p.set_defaults(func=_cmd_policy)
+
+
+def _cmd_policy(args) -> int:
+    spec = DataSpec(paths=[args.prompts]) if args.prompts else DataSpec(builtin="world_eval", builtin_size=args.n)
+    prompts = load_prompts(spec, spec.paths, seed=0)
+    rms = dict(item.split("=", 1) for item in args.reward_model)
+    sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size)
+    metrics, responses = evaluate(args.model, prompts, reference_path=args.reference, reward_models=rms,
+                                  sampling=sampling)
+    if args.out:
+        write_jsonl(args.out, [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
+                               for p, r in zip(prompts, responses)])
+    for k, v in metrics.items():
+        print(f"{k:>28}: {v:.4f}")
+    print(json.dumps(metrics))
+    return 0
