@@ -58,9 +58,9 @@ class SFTStage(StageBase):
 
 
 from align.config.dpo import DPOStage  # noqa: E402 (subclasses StageBase above)
+from align.config.evaluation import EvaluationStage  # noqa: E402
 from align.config.model_average import ModelAverageStage  # noqa: E402
 from align.config.rejection_sampling import RejectionSamplingStage  # noqa: E402
-from align.config.evaluation import EvaluationStage  # noqa: E402
 from align.config.reward_model import RewardModelStage  # noqa: E402
 
 STAGE_TYPES = (SFTStage, DPOStage, RewardModelStage, ModelAverageStage, RejectionSamplingStage,
