@@ -25,7 +25,8 @@ from align.config.recipe import Recipe, dump_recipe, load_recipe
 from align.runtime import StageContext, StageResult, read_result, write_result
 
 STAGE_MODULES = {"sft": "align.train.sft", "dpo": "align.train.dpo", "reward_model": "align.train.reward_model",
-                 "model_average": "align.stages.model_average"}
+                 "model_average": "align.stages.model_average",
+                 "rejection_sampling": "align.stages.rejection_sampling", "evaluate": "align.stages.evaluation"}
 VERSION = "0.1.0"
 
 
@@ -48,14 +49,12 @@ def fingerprint(recipe: Recipe, stage, round_: int, upstream_fps: dict[str, str]
     h.update(f"seed={recipe.seed};round={round_}".encode())
     for ref in sorted(stage.references()):
         h.update(f"{ref}={upstream_fps.get(ref, 'none')}".encode())  # 'prev.X' is absent in round 1
-    for field in type(stage).model_fields:
-        value = getattr(stage, field)
-        for item in value if isinstance(value, list) else [value]:  # a list of specs: hash each one's input
-            for p in getattr(item, "paths", []) or []:
-                _hash_path(Path(p), h)
-            path = getattr(item, "path", None)
-            if isinstance(path, str) and Path(path).exists():
-                _hash_path(Path(path), h)
+    for spec in stage.sources():  # the content of the files it reads
+        for p in getattr(spec, "paths", None) or []:
+            _hash_path(Path(p), h)
+        path = getattr(spec, "path", None)
+        if isinstance(path, str) and Path(path).exists():
+            _hash_path(Path(path), h)
     return h.hexdigest()[:20]
 
 
@@ -63,16 +62,22 @@ def stage_dir(recipe: Recipe, round_: int, name: str) -> Path:
     return recipe.run_dir / f"round_{round_}" / name
 
 
-def _view(current: dict, previous: dict) -> dict:
-    """What a stage can refer to: this round's earlier stages by name, the previous round's as prev.NAME."""
-    return {**{f"prev.{k}": v for k, v in previous.items()}, **current}
+def _view(per_round: dict[int, dict], round_: int) -> dict:
+    """What a stage of ``round_`` can refer to: ``prev.NAME``, the latest run of NAME in an earlier round;
+    ``NAME``, its run in this round, or its latest earlier run when it does not run in this round."""
+    view = {}
+    for r in sorted(k for k in per_round if k < round_):
+        for name, value in per_round[r].items():
+            view[f"prev.{name}"] = view[name] = value
+    view.update(per_round.get(round_, {}))
+    return view
 
 
 def run_stage_here(recipe: Recipe, stage, round_: int, history: dict[int, dict[str, StageResult]]) -> StageResult:
     module = importlib.import_module(STAGE_MODULES[stage.kind])
     ctx = StageContext(
         recipe=recipe, round=round_, out_dir=stage_dir(recipe, round_, stage.name),
-        upstream=_view(history.get(round_, {}), history.get(round_ - 1, {})),
+        upstream=_view(history, round_),
         history={r: v for r, v in history.items() if r < round_},
     )
     return module.run(stage, ctx)
@@ -102,8 +107,10 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
         results = history.setdefault(round_, {})
         fps = all_fps.setdefault(round_, {})
         for stage in recipe.stages:
+            if stage.in_rounds is not None and round_ not in stage.in_rounds:
+                continue
             out = stage_dir(recipe, round_, stage.name)
-            fp = fingerprint(recipe, stage, round_, _view(fps, all_fps.get(round_ - 1, {})))
+            fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
             old_fp, old = read_result(out)
             t0 = time.perf_counter()
             if old_fp == fp:
@@ -163,8 +170,10 @@ def _child_main(argv=None) -> None:
     all_fps: dict[int, dict[str, str]] = {}
     for round_ in range(1, args.round + 1):
         for stage in recipe.stages:
+            if stage.in_rounds is not None and round_ not in stage.in_rounds:
+                continue
             fps = all_fps.setdefault(round_, {})
-            fp = fingerprint(recipe, stage, round_, _view(fps, all_fps.get(round_ - 1, {})))
+            fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
             if round_ == args.round and stage.name == args.stage:
                 result = run_stage_here(recipe, stage, round_, history)
                 if int(os.environ.get("RANK", "0")) == 0:

@@ -59,8 +59,8 @@ class StageContext:
                         out.append(earlier.artifacts[artifact])
             result = self.upstream.get(ref)
             if result is None:
-                if ref.startswith(PREV) and self.round == 1:
-                    continue  # round 1 has no previous round
+                if ref.startswith(PREV):
+                    continue  # no earlier round ran it (round 1)
                 raise StageInputError(f"stage '{ref}' has not run")
             if artifact not in result.artifacts:
                 raise StageInputError(f"stage '{ref}' has no '{artifact}' output")

@@ -45,6 +45,9 @@ class Recipe(Strict):
         for stage in self.stages:
             if stage.name in seen:
                 raise ValueError(f"stage name '{stage.name}' is used twice")
+            bad = [r for r in stage.in_rounds or [] if not 1 <= r <= self.rounds]
+            if bad:
+                raise ValueError(f"stage '{stage.name}': in_rounds {bad} outside 1..{self.rounds}")
             for ref in stage.references():
                 if ref.startswith(PREV):
                     if ref[len(PREV):] not in every:

@@ -12,6 +12,10 @@ from align.config.specs import DataSpec, LaunchConfig, ModelSpec, Strict, TrainC
 class StageBase(Strict):
     name: str = Field(..., pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description="unique name within a round")
     launch: LaunchConfig = Field(default_factory=LaunchConfig, description="processes for this stage")
+    in_rounds: list[int] | None = Field(
+        None, description="run only in these rounds (1-based; default: every round). A reference to a "
+        "stage that does not run in a round reads its latest earlier run",
+    )
 
     def sources(self) -> list:
         """Every spec with a ``from_stage`` field (model and data specs), found at any depth."""

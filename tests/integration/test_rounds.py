@@ -69,3 +69,16 @@ def test_previous_round_reference_needs_a_round_one_fallback(tmp_path):
     data["stages"][0]["model"]["from"] = "prev.bb"
     with pytest.raises(RecipeError, match="did you mean 'prev.b'|did you mean 'b'"):
         recipe_from_dict(data)
+
+
+def test_stage_limited_to_round_one_is_read_by_later_rounds(tmp_path):
+    data = _recipe(tmp_path, rounds=2)
+    data["stages"] = data["stages"][:2]
+    a, b = data["stages"]
+    a["in_rounds"] = [1]
+    a["model"] = {"path": "builtin:tiny", "tiny": a["model"]["tiny"]}
+    b["model"] = {"from": ["prev.b", "a"]}
+    records, ran, _ = _run(data)
+    assert ran == [(1, "a"), (1, "b"), (2, "b")]
+    with pytest.raises(RecipeError, match="outside 1..2"):
+        recipe_from_dict({**data, "stages": [{**a, "in_rounds": [3]}, b]})
