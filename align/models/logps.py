@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 
 def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -22,8 +23,32 @@ def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
 
 def selected_token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax(logits)[target] per row: (N, V), (N,) -> (N,), computed in float32."""
-    logits = logits.float()
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return _SelectedLogps.apply(logits, targets)
+
+
+class _SelectedLogps(torch.autograd.Function):
+    """Same value and gradient as ``gather - logsumexp``, with a backward that makes one (N, V) tensor
+    (``grad * (onehot - softmax)``, in place) instead of autograd's five: less time and memory on the
+    largest tensors of the step."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        lse = torch.logsumexp(_at_least_fp32(logits), dim=-1)  # (N,)
+        ctx.save_for_backward(logits, lse, targets)
+        return _at_least_fp32(logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)) - lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # grad: (N,)
+        logits, lse, targets = ctx.saved_tensors
+        out = _at_least_fp32(logits) - lse.unsqueeze(-1)  # (N, V), a new tensor even for float32 logits
+        out.exp_().mul_(-grad.unsqueeze(-1))
+        out[torch.arange(out.shape[0], device=out.device), targets] += grad
+        return out.to(logits.dtype), None
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 class TokenLogps(nn.Module):

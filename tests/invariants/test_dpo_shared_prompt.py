@@ -1,6 +1,7 @@
 """DPO's shared-prompt rows are exact: per-response masked log-prob sums and token-mean NLLs equal those
 of one padded row per (prompt + response) scored with full logits (fp32, 1e-5)."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -8,6 +9,15 @@ from align.data.chat import build_byte_tokenizer, formatting_token_ids
 from align.data.preference import builtin_preferences, collate_pairs, tokenize_preferences
 from align.losses.dpo import response_sums, response_token_counts
 from align.models.logps import TokenLogps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one intra-op thread (several times faster on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def test_shared_prompt_rows_equal_separate_rows():

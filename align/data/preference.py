@@ -1,0 +1,214 @@
+"""Preference records -> one shared-prompt row per record, with the DPO mask and the pairs to score.
+
+A record's prompt is tokenized once and its responses follow it in one row (``align.data.shared_prompt``:
+exact block mask, position ids restarting after the prompt). Which responses and which (chosen, rejected)
+pairs: ``best_worst`` keeps the first and last of the ranked list (one pair); ``adjacent`` keeps all of
+them and scores every neighbouring pair (K-1 pairs, K responses computed once).
+
+The DPO mask (True = the token counts in the DPO log-prob sums) is positional: a response token is left
+out iff the chat template emitted it (it is not inside the response's content span in the rendered text)
+AND its id is in the formatting-token set. With the Llama 3 template that is exactly the response's
+``<|eot_id|>``; a content token with the same id is never masked. If a template rewrites the content so
+that it cannot be found verbatim in the rendered text, the whole response is treated as template text
+and the mask falls back to the ids alone (counted in ``PreferenceData.id_fallbacks``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from align.config.specs import DataSpec
+from align.data.builtin import chat_records
+from align.data.chat import ChatFormatError, assistant_char_spans
+from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
+from align.data.sources import split
+from data_schemas import Message, PreferenceRecord, read_jsonl
+
+PairsMode = Literal["best_worst", "adjacent"]
+
+
+@dataclass(frozen=True)
+class PreferenceExample:
+    prompt_ids: list[int]
+    responses: list[list[int]]  # token ids of each kept response (content + termination token)
+    dpo_masks: list[list[bool]]  # per response: True where the token counts in the DPO log-prob sums
+    pairs: list[tuple[int, int]]  # (chosen, rejected) indices into ``responses``
+
+
+@dataclass
+class PreferenceData:
+    examples: list[PreferenceExample] = field(default_factory=list)
+    dropped: int = 0  # records whose prompt alone fills max_length
+    id_fallbacks: int = 0  # responses whose content span was not found (id-only masking)
+
+
+def builtin_preferences(n: int, seed: int = 0) -> list[PreferenceRecord]:
+    """``builtin: chat`` preferences: a built-in chat task with 3 ranked answers: the right one, an
+    abstention, and the (wrong) answer to another task."""
+    chats = chat_records(n + 1, seed)
+    out = []
+    for i in range(n):
+        user, right = chats[i].messages[0], chats[i].messages[1].content
+        wrong = chats[i + 1].messages[1].content
+        if wrong == right:
+            wrong = wrong + " Or maybe not."
+        answers = [right, "I am not sure.", wrong]
+        out.append(PreferenceRecord(
+            prompt=[user], responses=[Message(role="assistant", content=a) for a in answers],
+            source="builtin:chat", meta={"index": i},
+        ))
+    return out
+
+
+def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
+    """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or ``builtin: chat``."""
+    if spec.builtin is not None:
+        if spec.builtin != "chat":
+            raise ValueError(f"unknown built-in preference set '{spec.builtin}'; known: ['chat']")
+        records = builtin_preferences(spec.builtin_size, seed)
+    else:
+        records = []
+        for path in paths:
+            rows = read_jsonl(path, "preference", skip_bad=spec.skip_bad_rows)
+            if getattr(rows, "skipped", 0):
+                print(f"{path}: skipped {rows.skipped} bad rows")
+            records += rows
+    if spec.limit is not None:
+        records = records[: spec.limit]
+    return split(records, spec.eval_fraction, seed)
+
+
+def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ranked responses -> (indices of the responses kept, pairs as indices into the kept list)."""
+    if mode == "best_worst":
+        return [0, num_responses - 1], [(0, 1)]
+    if mode == "adjacent":
+        return list(range(num_responses)), [(i, i + 1) for i in range(num_responses - 1)]
+    raise ValueError(f"unknown pairs mode {mode!r}")
+
+
+def tokenize_response(tokenizer, prompt: Sequence, response) -> tuple[list[int], list[int], list[bool]]:
+    """(prompt ids ending with the assistant header, response ids, template_mask) for one response.
+
+    ``template_mask`` is True on response tokens the chat template emitted rather than the content.
+    """
+    text, spans = assistant_char_spans(tokenizer, [*prompt, response])
+    start, end = spans[-1]
+    content = (response["content"] if isinstance(response, dict) else response.content).strip()
+    at = text.find(content, start, end) if content else -1
+    content_span = (at, at + len(content)) if at >= 0 else None
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    prompt_ids, response_ids, template = [], [], []
+    for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        if s < start:
+            if e > start:
+                raise ChatFormatError("a token spans the end of the prompt and the start of the response")
+            prompt_ids.append(tok)
+        elif s < end:
+            response_ids.append(tok)
+            template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
+    return prompt_ids, response_ids, template
+
+
+def tokenize_preference(
+    tokenizer, record: PreferenceRecord, formatting_ids: frozenset[int], max_length: int, pairs: PairsMode,
+) -> tuple[PreferenceExample | None, int]:
+    """-> (example or None when the prompt alone fills ``max_length``, id-only fallbacks).
+
+    Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped)."""
+    keep, pair_idx = select_pairs(len(record.responses), pairs)
+    prompt_ids, responses, masks, fallbacks = None, [], [], 0
+    for k in keep:
+        p_ids, r_ids, template = tokenize_response(tokenizer, record.prompt, record.responses[k])
+        if prompt_ids is None:
+            prompt_ids = p_ids
+        elif p_ids != prompt_ids:
+            raise ChatFormatError("the prompt tokenizes differently for two responses of one record")
+        fallbacks += all(template)
+        room = max_length - len(prompt_ids)
+        if room <= 0:
+            return None, fallbacks
+        responses.append(r_ids[:room])
+        masks.append([not (t and i in formatting_ids) for i, t in zip(r_ids[:room], template[:room], strict=True)])
+    return PreferenceExample(prompt_ids, responses, masks, pair_idx), fallbacks
+
+
+def tokenize_preferences(tokenizer, records, formatting_ids, max_length, pairs) -> PreferenceData:
+    data = PreferenceData()
+    for record in records:
+        example, fallbacks = tokenize_preference(tokenizer, record, formatting_ids, max_length, pairs)
+        data.id_fallbacks += fallbacks
+        if example is None:
+            data.dropped += 1
+        else:
+            data.examples.append(example)
+    return data
+
+
+@dataclass
+class PairBatch:
+    tokens: SharedPromptBatch  # one row per record; responses numbered 0..R-1 over the batch
+    dpo_mask: torch.Tensor  # (N,) bool, aligned with tokens.targets: counts in the DPO sums
+    chosen: torch.Tensor  # (P,) response index of each pair's chosen response
+    rejected: torch.Tensor  # (P,) response index of each pair's rejected response
+    ref_logps: torch.Tensor | None  # (R,) reference log-prob sums (DPO mask applied), when known
+
+    @property
+    def num_pairs(self) -> int:
+        return int(self.chosen.numel())
+
+    @property
+    def num_responses(self) -> int:
+        return int(self.tokens.last_index.numel())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.num_tokens
+
+    def model_inputs(self) -> tuple:
+        return self.tokens.model_inputs()
+
+    def to(self, device) -> PairBatch:
+        t = self.tokens
+        for name in ("input_ids", "position_ids", "attention_mask", "index", "targets", "owner", "last_index"):
+            setattr(t, name, getattr(t, name).to(device))
+        for name in ("dpo_mask", "chosen", "rejected", "ref_logps"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, value.to(device))
+        return self
+
+
+def collate_pairs(
+    examples: Sequence[PreferenceExample], pad_id: int, dtype=torch.float32,
+    ref_logps: Sequence[Sequence[float]] | None = None,
+) -> PairBatch:
+    """Shared-prompt rows for ``examples``; ``ref_logps[i]`` holds example i's per-response reference sums."""
+    tokens = collate_shared([build_row(ex.prompt_ids, ex.responses) for ex in examples], pad_id, dtype)
+    dpo_mask, chosen, rejected, base = [], [], [], 0
+    for ex in examples:
+        for mask in ex.dpo_masks:
+            dpo_mask += mask
+        chosen += [base + c for c, _ in ex.pairs]
+        rejected += [base + r for _, r in ex.pairs]
+        base += len(ex.responses)
+    ref = None
+    if ref_logps is not None:
+        ref = torch.tensor([v for values in ref_logps for v in values], dtype=torch.float32)
+    return PairBatch(
+        tokens=tokens,
+        dpo_mask=torch.tensor(dpo_mask, dtype=torch.bool),
+        chosen=torch.tensor(chosen, dtype=torch.long),
+        rejected=torch.tensor(rejected, dtype=torch.long),
+        ref_logps=ref,
+    )
+
+
+def examples_digest(examples: Sequence[PreferenceExample], h) -> None:
+    """Feed everything that determines the reference log-probs of ``examples`` into hash ``h``."""
+    for ex in examples:
+        h.update(repr((ex.prompt_ids, ex.responses, ex.dpo_masks)).encode())

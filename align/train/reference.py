@@ -1,0 +1,136 @@
+"""Reference log-probs for DPO: computed once before training, cached on disk, keyed by what made them.
+
+The cache lives in ``<run_dir>/ref_cache/<key>.pt`` (outside the stage folder, which the runner clears when
+the stage's config changes). The key hashes:
+
+- the reference model: its weight and config files' content for a local folder; the size config and seed
+  for ``builtin:tiny``; the id for a hub model (pin a revision by downloading it to a folder); plus dtype,
+  attention implementation and the autocast precision;
+- the tokenized data: every prompt and response id and the DPO mask, so the data, the tokenizer, the
+  truncation length, the pairs mode and the formatting-token setting are all in it.
+
+Which model computes them: an explicit ``reference`` is loaded, used and freed before training; by default
+the reference is the policy's starting point, so the policy itself computes them before its first step
+(with LoRA: with the adapter disabled). Multi-process: the main process computes and writes the file, the
+others wait and read it (simple; it leaves the other processes idle for that pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from align.config.dpo import DPOStage
+from align.config.specs import ModelSpec
+from align.data.collate import group_by_count
+from align.data.preference import PreferenceExample, collate_pairs, examples_digest
+from align.losses.dpo import response_sums
+from align.models.loading import BUILTIN_MODEL, is_peft, load_causal_lm
+from align.models.logps import TokenLogps
+from align.runtime import StageContext
+
+CACHE_VERSION = "dpo-ref-1"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def model_identity(spec: ModelSpec, path: str, seed: int) -> str:
+    """A string that changes whenever the model's weights (or how they are computed with) change."""
+    h = hashlib.sha256()
+    h.update(f"dtype={spec.dtype};attn={spec.attn_implementation}".encode())
+    if path == BUILTIN_MODEL:
+        h.update(f"builtin;{spec.tiny.model_dump_json()};seed={seed}".encode())
+    elif Path(path).is_dir():
+        files = sorted(p for p in Path(path).iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
+        for p in files:
+            h.update(p.name.encode())
+            with p.open("rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 24), b""):
+                    h.update(chunk)
+    else:
+        h.update(f"hub:{path}".encode())
+    return h.hexdigest()
+
+
+def cache_key(model_id: str, mixed_precision: str, splits: Sequence[Sequence[PreferenceExample]]) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION};{model_id};amp={mixed_precision}".encode())
+    for examples in splits:
+        h.update(f"split:{len(examples)}".encode())
+        examples_digest(examples, h)
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def compute_response_logps(
+    model: TokenLogps, examples: Sequence[PreferenceExample], batch_size: int, pad_id: int,
+    device, autocast=contextlib.nullcontext,
+) -> tuple[list[list[float]], int]:
+    """DPO-masked log-prob sum of every response: -> (per example, per response), forward passes."""
+    was_training = model.lm.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    out, passes = [], 0
+    for group in group_by_count(list(range(len(examples))), batch_size):
+        chunk = [examples[i] for i in group]
+        batch = collate_pairs(chunk, pad_id, dtype).to(device)
+        with autocast():
+            logps = model(*batch.model_inputs())  # (N,)
+        sums = response_sums(logps.float(), batch.tokens.owner, batch.num_responses, batch.dpo_mask).tolist()
+        passes += 1
+        for ex in chunk:
+            out.append(sums[: len(ex.responses)])
+            sums = sums[len(ex.responses) :]
+    model.train(was_training)
+    return out, passes
+
+
+def reference_logps(stage: DPOStage, ctx: StageContext, lm, tokenizer, splits, accelerator):
+    """Per split, per example, per response reference log-prob sums; and ``{"ref_cache_hit": 0/1,
+    "ref_forward_passes": n}``. Loads from the cache when the key matches, else computes and saves."""
+    spec = stage.reference or stage.model
+    path = ctx.model_path(spec)
+    key = cache_key(model_identity(spec, path, ctx.seed), stage.train.mixed_precision, splits)
+    cache = Path(ctx.recipe.run_dir) / "ref_cache" / f"{key}.pt"
+    hit, passes = cache.exists(), 0
+    if accelerator.is_main_process and not hit:
+        values, passes = _compute(stage, spec, path, ctx.seed, lm, tokenizer, splits, accelerator)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save({"key": key, "values": values}, tmp)
+        tmp.replace(cache)  # atomic: the file exists only when complete
+        (cache.parent / f"{key}.json").write_text(json.dumps({"stage": stage.name, "model": path}))
+    accelerator.wait_for_everyone()
+    values = torch.load(cache, weights_only=True)["values"]
+    return values, {"ref_cache_hit": float(hit), "ref_forward_passes": float(passes)}
+
+
+def _compute(stage, spec, path, seed, lm, tokenizer, splits, accelerator):
+    bs, pad, device = stage.train.batch_size, tokenizer.pad_token_id, accelerator.device
+
+    def run(model):
+        values, passes = [], 0
+        for examples in splits:
+            v, n = compute_response_logps(TokenLogps(model), examples, bs, pad, device, accelerator.autocast)
+            values.append(v)
+            passes += n
+        return values, passes
+
+    if stage.reference is None:  # the policy's starting point: the policy itself, before training
+        adapter_off = lm.disable_adapter() if is_peft(lm) else contextlib.nullcontext()
+        with adapter_off:
+            return run(lm.to(device))
+    plain = spec.model_copy(update={"lora": None, "gradient_checkpointing": False})
+    ref = load_causal_lm(plain, path, tokenizer, seed=seed).to(device)
+    ref.requires_grad_(False)
+    try:
+        return run(ref)
+    finally:  # free it before training
+        del ref
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

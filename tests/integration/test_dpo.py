@@ -1,0 +1,124 @@
+"""DPO stage on a tiny model: reward accuracy and margin rise, the policy reloads with plain transformers,
+reference log-probs are cached (reused on a rerun, recomputed when the data or the model change)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from align.config import recipe_from_dict
+from align.config.specs import ModelSpec
+from align.models.loading import build_tiny_model, load_tokenizer
+from align.runner import run_recipe
+from align.train.reference import model_identity
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run faster on one intra-op thread (several times faster on a loaded machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def dpo_stage(**kw):
+    stage = {
+        "name": "dpo", "kind": "dpo", "model": {"path": "builtin:tiny", "tiny": TINY},
+        "data": {"builtin": "chat", "builtin_size": 16}, "beta": 0.5,
+        "train": {"batch_size": 4, "max_length": 80, "max_steps": 8, "report_to": [],
+                  "optim": {"lr": 3e-3, "warmup_ratio": 0.0}},
+    }
+    stage.update(kw)
+    return stage
+
+
+def run(tmp_path, stages, overrides=()):
+    recipe = recipe_from_dict({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": stages},
+                              list(overrides))
+    return {r["stage"]: r for r in run_recipe(recipe, log=lambda *_: None)}
+
+
+def test_dpo_raises_reward_accuracy_and_margin(tmp_path):
+    out = run(tmp_path, [dpo_stage(data={"builtin": "chat", "builtin_size": 20, "eval_fraction": 0.2})])
+    m = out["dpo"]["metrics"]
+    assert m["ref_cache_hit"] == 0.0 and m["ref_forward_passes"] > 0
+    assert m["train_pairs_reward_accuracy_start"] == 0.0 and m["train_pairs_reward_margin_start"] == 0.0
+    assert m["train_pairs_reward_accuracy"] > 0.5
+    assert m["train_pairs_reward_margin"] > 0.1
+    assert m["train_pairs_dpo"] < m["train_pairs_dpo_start"]
+    assert "eval_reward_accuracy" in m and "eval_reward_accuracy_start" in m
+    path = out["dpo"]["artifacts"]["model"]
+    after = AutoModelForCausalLM.from_pretrained(path)  # plain transformers, no align code
+    stage = recipe_from_dict({"name": "t", "stages": [dpo_stage()]}).stage("dpo")
+    before = build_tiny_model(stage.model, after.config.vocab_size, seed=0)
+    assert not torch.equal(after.model.layers[0].mlp.up_proj.weight, before.model.layers[0].mlp.up_proj.weight)
+    rows = [json.loads(x) for x in open(tmp_path / "runs/t/round_1/dpo/metrics.jsonl")]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(train_rows) == 8
+    assert {"train/rewards/accuracy", "train/rewards/margin", "train/nll", "train/dpo"} <= set(train_rows[0])
+    assert "start/train_pairs_reward_accuracy" in rows[0] and "end/train_pairs_reward_accuracy" in rows[-1]
+
+
+def test_reference_cache_reused_and_invalidated(tmp_path):
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY)
+    tok = load_tokenizer(spec, "builtin:tiny")
+    folder = tmp_path / "init"
+    build_tiny_model(spec, len(tok), seed=0).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    stage = dpo_stage(model={"path": str(folder)}, metrics_records=4,
+                      train={"batch_size": 8, "max_length": 80, "max_steps": 1, "report_to": []})
+    first = run(tmp_path, [stage])["dpo"]["metrics"]
+    assert first["ref_cache_hit"] == 0.0 and first["ref_forward_passes"] == 2
+    # the stage reruns (its config changed) but the reference log-probs are read back
+    again = run(tmp_path, [stage], ["dpo.train.optim.lr=1e-3"])["dpo"]["metrics"]
+    assert again["ref_cache_hit"] == 1.0 and again["ref_forward_passes"] == 0
+    assert again["train_pairs_reward_margin_start"] == pytest.approx(0.0, abs=1e-6)
+    # different data: recomputed
+    data = run(tmp_path, [stage], ["dpo.data.builtin_size=12"])["dpo"]["metrics"]
+    assert data["ref_cache_hit"] == 0.0 and data["ref_forward_passes"] == 2
+    assert len(list((tmp_path / "runs/t/ref_cache").glob("*.pt"))) == 2
+    # different weights in the model folder: a different key
+    before = model_identity(spec, str(folder), 0)
+    build_tiny_model(spec, len(tok), seed=1).save_pretrained(folder)
+    assert model_identity(spec, str(folder), 0) != before
+
+
+def test_lora_reference_is_the_base_model_without_a_second_copy(tmp_path, monkeypatch):
+    import align.train.reference as reference
+
+    def no_second_model(*a, **k):
+        raise AssertionError("the LoRA reference must be the policy with its adapter disabled")
+
+    monkeypatch.setattr(reference, "load_causal_lm", no_second_model)
+    stage = dpo_stage(model={"path": "builtin:tiny", "tiny": TINY, "lora": {"r": 4, "alpha": 8}})
+    stage["train"]["max_steps"] = 3
+    m = run(tmp_path, [stage])["dpo"]["metrics"]
+    assert m["ref_forward_passes"] > 0
+    assert m["train_pairs_reward_margin_start"] == pytest.approx(0.0, abs=1e-6)
+    assert m["train_pairs_reward_margin"] != 0.0
+
+
+def test_explicit_reference_model_is_loaded(tmp_path):
+    other = {"path": "builtin:tiny", "tiny": {**TINY, "hidden_size": 64, "num_attention_heads": 4}}
+    stage = dpo_stage(reference=other, metrics_records=4)
+    stage["train"]["max_steps"] = 1
+    m = run(tmp_path, [stage])["dpo"]["metrics"]
+    assert m["ref_forward_passes"] == 4
+    assert abs(m["train_pairs_reward_margin_start"]) > 1e-3  # policy start != reference
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_runs_on_shared_helpfulness_pairs(tmp_path, shared_data):
+    stage = dpo_stage(data={"paths": [str(shared_data / "prefs_helpful.train.jsonl")], "limit": 100},
+                      metrics_records=16,
+                      train={"batch_size": 8, "max_length": 192, "max_steps": 3, "report_to": []})
+    m = run(tmp_path, [stage])["dpo"]["metrics"]
+    assert m["steps"] == 3 and m["ref_forward_passes"] > 0
+    assert m["mask_id_fallbacks"] == 0
+    assert m["train_loss_last"] == m["train_loss_last"]  # finite
