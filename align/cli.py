@@ -71,10 +71,19 @@ def _cmd_options(args) -> int:
 
 def _register_eval_commands(sub) -> None:
     """One line per ``align eval X`` command; each module adds its own subparser (``add_command``)."""
+    from eval.reward_model import add_command as add_reward_model_command  # align eval reward-model
+
+    add_reward_model_command(sub)
+    from align.stages.evaluation import add_command as add_policy_command  # align eval policy
+
+    add_policy_command(sub)
 
 
 def _register_data_commands(sub) -> None:
     """One line per ``align data X`` command; each module adds its own subparser (``add_command``)."""
+    from eval.world import add_command as add_world_command  # align data world
+
+    add_world_command(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -83,3 +83,19 @@ def test_pad_token_is_made_distinct():
     tok = build_byte_tokenizer()
     tok.pad_token = "<|eot_id|>"  # a common setup (pad = eos) that would hide the scored token
     assert ensure_distinct_pad(tok).pad_token == "<|finetune_right_pad_id|>"
+
+
+def test_loads_from_a_causal_lm_checkpoint(tmp_path):
+    """A causal LM folder (e.g. the SFT output) becomes a reward model: same backbone, new head, pad id."""
+    from align.models.loading import build_tiny_model
+
+    lm = build_tiny_model(ModelSpec(path="builtin:tiny", tiny=TINY), 262, seed=1)
+    lm.save_pretrained(tmp_path)
+    build_byte_tokenizer().save_pretrained(tmp_path)
+    spec = ModelSpec(path=str(tmp_path))
+    tok = load_reward_tokenizer(spec, str(tmp_path))
+    rm = load_reward_model(spec, str(tmp_path), tok, seed=0)
+    assert rm.config.num_labels == 1 and rm.config.pad_token_id == tok.pad_token_id
+    assert torch.equal(rm.model.embed_tokens.weight, lm.model.embed_tokens.weight)
+    assert torch.equal(rm.model.layers[1].mlp.down_proj.weight, lm.model.layers[1].mlp.down_proj.weight)
+    assert rm.score.weight.shape == (1, TINY.hidden_size) and rm.score.weight.abs().sum() > 0

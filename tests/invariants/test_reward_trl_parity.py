@@ -50,7 +50,8 @@ def checkpoint(tmp_path_factory):
     tok = load_reward_tokenizer(spec, "builtin:tiny")
     model = load_reward_model(spec, "builtin:tiny", tok, seed=0)
     with torch.no_grad():
-        model.score.weight.normal_(0, 1.0)  # rewards of order 1, so the margins matter
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(0)))
+        # rewards of order 1, so the margins matter
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
@@ -60,7 +61,8 @@ def trl_side(path, tmp_path):
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32)
     args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True,
-                        per_device_train_batch_size=len(ROWS), center_rewards_coefficient=CENTERING)
+                        per_device_train_batch_size=len(ROWS), center_rewards_coefficient=CENTERING,
+                        bf16=False, gradient_checkpointing=False)
     trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(ROWS))])
     model.train()
@@ -92,3 +94,35 @@ def test_loss_rewards_and_gradient_match_trl(checkpoint, tmp_path):
     torch.testing.assert_close(our_loss, trl_loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(our_grad, trl_grad, atol=1e-5, rtol=1e-4)
     assert trl_loss.item() > 0.5  # margins and centering are in play, not a trivial 0
+
+
+def test_ranked_record_equals_trl_on_its_three_pairs(checkpoint, tmp_path):
+    """One packed row of best > middle > worst == TRL on the pairs (0,1), (0,2), (1,2) (no margin):
+    the per-prompt mean over its 3 pairs is TRL's mean over the same 3 pairs."""
+    ranked = [{"prompt": r["prompt"], "responses": [r["chosen"], r["rejected"], assistant("I am not sure.")]}
+              for r in ROWS[:2]]
+    pairs = [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
+             for r in ranked for i, j in ((0, 1), (0, 2), (1, 2))]
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint, dtype=torch.float32)
+    args = RewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, bf16=False,
+                        gradient_checkpointing=False, per_device_train_batch_size=len(pairs))
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+    model.train()
+    trl_loss = trainer.compute_loss(model, trainer.data_collator([trainer.train_dataset[i] for i in range(6)]))
+    trl_loss.backward()
+
+    (tmp_path / "ranked.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ranked))
+    spec = ModelSpec(path=str(checkpoint))
+    ours = load_reward_model(spec, str(checkpoint), load_reward_tokenizer(spec, str(checkpoint)))
+    examples = [tokenize_ranked(tok, r, 1024, None, "none") for r in read_jsonl(tmp_path / "ranked.jsonl", "preference")]
+    batch = collate_ranked(examples, tok.pad_token_id)
+    ours.train()
+    loss, _ = reward_ranking_loss(PackedRewards(ours)(*batch.model_inputs()), batch.responses_per_prompt)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), trl_loss.detach(), atol=1e-5, rtol=1e-5)
+    theirs = dict(model.named_parameters())
+    for name, p in ours.named_parameters():  # every weight's gradient, backbone included
+        # fp32 sums in another order (one packed row vs 6 padded rows): ~1e-5 on the most used embeddings
+        torch.testing.assert_close(p.grad, theirs[name].grad, atol=1e-4, rtol=1e-3,
+                                   msg=lambda m, name=name: f"{name}: {m}")

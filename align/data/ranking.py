@@ -1,0 +1,170 @@
+"""Ranked preference records for the reward model: domain selection, data hygiene, margins, and one
+shared-prompt row per record (the prompt once, then every ranked response; see ``shared_prompt``).
+
+Token ids follow ``rewards.encoding`` (the rule ``rewards.scoring.RewardScorer`` scores with), so a
+response's ids in its packed row are exactly those of a row of its own.
+
+The held-out split is by prompt (:func:`split_by_prompt`).
+
+Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metrics cover every level):
+
+- ``min_strength``: drop records labelled below that level; records with no strength label are kept;
+- ``dedup_threshold``: a response whose word-level ``difflib`` similarity to a better-ranked response of
+  the same record is at least the threshold is dropped (near-identical answers carry no preference);
+  a record left with fewer than 2 responses is dropped.
+"""
+
+from __future__ import annotations
+
+import difflib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from align.data.shared_prompt import SharedPromptBatch, SharedPromptRow, build_row, collate_shared
+from data_schemas import STRENGTHS, DataError, PreferenceRecord
+from rewards.encoding import encode_prompt, encode_response, truncate
+
+MarginSpec = str | dict[str, float]  # a MARGIN_TABLES name, "column", or strength -> margin
+
+# Llama 2 (sec. 3.2.2, table 28): margin by preference strength; Llama 3 drops it ("none").
+MARGIN_TABLES: dict[str, dict[str, float]] = {
+    "none": {},
+    "llama2_small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3,
+                     "negligibly_better": 0.0},
+    "llama2_large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0,
+                     "negligibly_better": 0.0},
+}
+
+
+def select_domain(
+    records: Sequence[PreferenceRecord], domain: str | None, default_domain: str | None
+) -> list[PreferenceRecord]:
+    """Records of ``domain`` (all when None); ``default_domain`` labels records whose row set none."""
+    out = []
+    for r in records:
+        if default_domain is not None and "domain" not in r.model_fields_set:
+            r = r.model_copy(update={"domain": default_domain})
+        if domain is None or r.domain == domain:
+            out.append(r)
+    return out
+
+
+def split_by_prompt(records: Sequence[PreferenceRecord], eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``eval_fraction`` of the distinct prompts (by first user message, case and whitespace
+    folded), with all their records: one prompt often carries several pairs that share responses, and a
+    record-level split would score held-out pairs whose prompt and responses were trained on."""
+    if eval_fraction <= 0:
+        return list(records), []
+    keys = [" ".join(next(m.content for m in r.prompt if m.role == "user").lower().split()) for r in records]
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: max(1, int(round(eval_fraction * len(distinct))))])
+    train = [r for r, k in zip(records, keys, strict=True) if k not in held]
+    return train, [r for r, k in zip(records, keys, strict=True) if k in held]
+
+
+def similarity(a: str, b: str) -> float:
+    """Word-level difflib ratio in [0, 1] (1: same words in the same order)."""
+    return difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
+
+
+def apply_hygiene(
+    records: Sequence[PreferenceRecord], min_strength: str | None, dedup_threshold: float | None
+) -> tuple[list[PreferenceRecord], dict[str, float]]:
+    """-> (kept records, counts: dropped_below_min_strength, dropped_near_duplicate_responses,
+    dropped_near_duplicate_records)."""
+    allowed = set(STRENGTHS[: STRENGTHS.index(min_strength) + 1]) if min_strength else None
+    counts = {"dropped_below_min_strength": 0, "dropped_near_duplicate_responses": 0,
+              "dropped_near_duplicate_records": 0}
+    kept = []
+    for r in records:
+        if allowed is not None and r.strength is not None and r.strength not in allowed:
+            counts["dropped_below_min_strength"] += 1
+            continue
+        if dedup_threshold is not None:
+            responses = []
+            for m in r.responses:
+                if any(similarity(m.content, k.content) >= dedup_threshold for k in responses):
+                    counts["dropped_near_duplicate_responses"] += 1
+                else:
+                    responses.append(m)
+            if len(responses) < 2:
+                counts["dropped_near_duplicate_records"] += 1
+                continue
+            if len(responses) < len(r.responses):
+                r = r.model_copy(update={"responses": responses})
+        kept.append(r)
+    return kept, {k: float(v) for k, v in counts.items()}
+
+
+def record_margin(record: PreferenceRecord, margin: MarginSpec) -> float:
+    """The record's margin: from its strength through a table (0 for a record with no strength), or
+    its own ``margin`` (``"column"``: TRL's margin column, kept in ``meta["margin"]``)."""
+    if margin == "column":
+        if "margin" not in record.meta:
+            raise DataError("missing (the stage's margin: column needs one on every record)", field="margin")
+        return float(record.meta["margin"])
+    table = MARGIN_TABLES[margin] if isinstance(margin, str) else margin
+    return float(table.get(record.strength, 0.0)) if record.strength is not None else 0.0
+
+
+@dataclass(frozen=True)
+class RankedExample:
+    row: SharedPromptRow  # prompt once, then every response (best first)
+    margin: float
+    strength: str | None
+    domain: str
+
+    def __len__(self) -> int:
+        return len(self.row.input_ids)
+
+    @property
+    def num_responses(self) -> int:
+        return len(self.row.spans)
+
+
+def tokenize_ranked(
+    tokenizer, record: PreferenceRecord, max_length: int | None, max_prompt_length: int | None, margin: MarginSpec
+) -> RankedExample:
+    encoded = encode_prompt(tokenizer, record.prompt)
+    responses = [encode_response(tokenizer, record.prompt, r, encoded) for r in record.responses]
+    prompt_ids, responses = truncate(encoded[1], responses, max_length, max_prompt_length)
+    return RankedExample(build_row(prompt_ids, responses), record_margin(record, margin), record.strength,
+                         record.domain)
+
+
+@dataclass
+class RankedBatch:
+    rows: SharedPromptBatch  # one row per prompt; responses numbered 0..R-1 over the batch
+    margins: torch.Tensor  # (P,) one margin per prompt
+
+    @property
+    def responses_per_prompt(self) -> list[int]:
+        return self.rows.responses_per_row
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.rows.responses_per_row)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.rows.num_tokens
+
+    def model_inputs(self) -> tuple:
+        r = self.rows
+        return r.input_ids, r.position_ids, r.attention_mask, r.last_index
+
+    def to(self, device) -> RankedBatch:
+        r = self.rows
+        for name in ("input_ids", "position_ids", "attention_mask", "last_index"):
+            setattr(r, name, getattr(r, name).to(device))
+        self.margins = self.margins.to(device)
+        return self
+
+
+def collate_ranked(examples: Sequence[RankedExample], pad_id: int, dtype=torch.float32) -> RankedBatch:
+    rows = collate_shared([ex.row for ex in examples], pad_id, dtype)
+    return RankedBatch(rows, torch.tensor([ex.margin for ex in examples], dtype=torch.float32))

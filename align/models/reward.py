@@ -1,0 +1,117 @@
+"""The reward model: a causal LM backbone with a scalar head, as an HF sequence-classification model.
+
+Built from any causal LM checkpoint (a local path, a hub id, an earlier stage's output, or the built-in
+tiny Llama): ``AutoModelForSequenceClassification`` with ``num_labels=1`` takes the backbone weights
+and adds a freshly initialised linear head (``score``). A checkpoint that is already a one-label reward
+model keeps its head. Saved with ``save_pretrained``, so plain ``transformers`` loads it as a
+sequence-classification model and scores a (prompt + response) row at its last non-pad token; the pad
+token is made distinct from every token the chat template writes, so that token is the response's
+end-of-turn token, where training reads the score too.
+
+With LoRA (peft task type SEQ_CLS) the head stays fully trainable (``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from align.compat import enable_activation_checkpointing
+from align.config.specs import ModelSpec
+from align.data.chat import PAD
+from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer
+
+
+def load_reward_tokenizer(spec: ModelSpec, model_path: str):
+    """The tokenizer, with a pad token that never occurs in a rendered conversation."""
+    return ensure_distinct_pad(load_tokenizer(spec, model_path))
+
+
+def ensure_distinct_pad(tokenizer):
+    """Set the pad token to ``<|finetune_right_pad_id|>`` (added if missing) when it is unset or a token
+    the chat template writes (e.g. pad = eos = ``<|eot_id|>``): HF sequence classification reads the
+    score at the last token that is not the pad token."""
+    sample = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    rendered = set(tokenizer.apply_chat_template(sample, tokenize=True, return_dict=True)["input_ids"])
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id in rendered:
+        if PAD not in tokenizer.get_vocab():
+            tokenizer.add_special_tokens({"pad_token": PAD})
+        tokenizer.pad_token = PAD
+    return tokenizer
+
+
+def seq_cls_from_causal(causal_lm, seed: int = 0):
+    """A one-label sequence-classification model sharing ``causal_lm``'s backbone weights (copied)."""
+    from transformers import AutoModelForSequenceClassification
+
+    config = causal_lm.config.__class__.from_dict(causal_lm.config.to_dict())
+    config.num_labels = 1
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.base_model.load_state_dict(causal_lm.base_model.state_dict())
+    return model.to(next(causal_lm.parameters()).dtype)
+
+
+def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
+    """A reward model ready to train: loaded or built, embeddings sized to the tokenizer, pad id set,
+    LoRA and gradient checkpointing applied as asked."""
+    if model_path == BUILTIN_MODEL:
+        model = seq_cls_from_causal(build_tiny_model(spec, len(tokenizer), seed), seed)
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        kwargs = {"dtype": _DTYPES[spec.dtype], "num_labels": 1}
+        if spec.attn_implementation:
+            kwargs["attn_implementation"] = spec.attn_implementation
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)  # the new head's initialisation
+            model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if spec.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+        model.config.use_cache = False
+    if spec.lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        lora = spec.lora
+        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                            target_modules=lora.target_modules, task_type="SEQ_CLS")
+        if spec.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, config)  # SEQ_CLS keeps the head ("score") trainable
+    return model
+
+
+def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The decoder stack and the scalar head of an HF sequence-classification model (PEFT or not)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score", None)
+    if head is None:
+        head = getattr(base, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no 'score' or 'classifier' head")
+    return getattr(base, base.base_model_prefix), head
+
+
+class PackedRewards(nn.Module):
+    """``forward(input_ids, position_ids, attention_mask, last_index) -> (R,)`` float32 scores.
+
+    The decoder runs over shared-prompt rows (``align.data.shared_prompt``: one row per prompt with
+    all its responses, block mask); the head only on each response's last token (``last_index``: flat
+    positions into B*T).
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, position_ids, attention_mask, last_index):
+        decoder, head = backbone_and_head(self.model)
+        hidden = decoder(
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state  # (B, T, H)
+        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (R, H)
+        return head(selected).squeeze(-1).float()  # (R,)

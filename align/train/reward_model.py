@@ -1,0 +1,160 @@
+"""Reward model stage: scalar head on a causal LM, ranking loss over 2+ responses per prompt.
+
+Every record is ONE row: the prompt once, then all its ranked responses, each seeing the prompt and
+itself only (``align.data.shared_prompt``); the head runs on each response's last token only. Several
+records per micro-batch; the loss is a mean over prompts (``align.losses.reward``).
+
+Outputs in ``model/``: an HF ``*ForSequenceClassification`` checkpoint (num_labels=1, pad id set) that
+``rewards.scoring.RewardScorer`` or plain ``transformers`` load, and ``reward_stats.json`` (mean/std of
+raw scores for whitening, and the truncation settings). ``eval_scores.jsonl``: held-out records with
+their scores. Metrics: training loss, held-out accuracy overall / per strength / per domain, top-1
+accuracy, mean margin (``eval.reward_accuracy``), hygiene counts.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from align.config.reward_model import RewardModelStage
+from align.data.collate import epoch_order, group_by_count
+from align.data.preference import load_preferences
+from align.data.ranking import apply_hygiene, collate_ranked, select_domain, split_by_prompt, tokenize_ranked
+from align.losses.reward import reward_ranking_loss
+from align.models.loading import count_parameters, save_checkpoint
+from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer
+from align.runtime import StageContext, StageInputError, StageResult
+from align.train.common import make_accelerator
+from align.train.loop import make_plan, train
+from align.train.metrics import MetricsLogger
+from align.train.optim import build_optimizer, build_scheduler
+from eval.reward_accuracy import ranking_accuracy
+from rewards.whitening import compute_stats
+
+
+def prompts_in(batch) -> float:
+    return float(batch.num_prompts)
+
+
+@torch.no_grad()
+def score_examples(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32):
+    """Scores of every example's responses (best first), in order: list of lists of floats."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for group in group_by_count(list(range(len(examples))), batch_size):
+        batch = collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
+        flat = model(*batch.model_inputs()).tolist()
+        for n in batch.responses_per_prompt:
+            out.append(flat[:n])
+            flat = flat[n:]
+    model.train(was_training)
+    return out
+
+
+def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
+    """1. accelerator and seed  2. tokenizer and reward model  3. records: domain, split by prompt, hygiene
+    4. tokenize into packed rows  5. plan  6. train  7. held-out metrics  8. whitening stats and the
+    HF checkpoint."""
+    cfg = stage.train
+    max_prompt_length = stage.max_prompt_length or cfg.max_length // 2
+    # step 1
+    accelerator = make_accelerator(cfg, ctx.seed)
+    # step 2
+    model_path = ctx.model_path(stage.model)
+    tokenizer = load_reward_tokenizer(stage.model, model_path)
+    rm = load_reward_model(stage.model, model_path, tokenizer, seed=ctx.seed)
+    dtype = next(rm.parameters()).dtype
+    # step 3
+    whole = stage.data.model_copy(update={"eval_fraction": 0.0})
+    records, _ = load_preferences(whole, ctx.data_paths(stage.data, artifact="pairs"), ctx.seed)
+    records = select_domain(records, stage.domain, stage.default_domain)
+    train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed)
+    train_records, hygiene = apply_hygiene(train_records, stage.min_strength, stage.dedup_threshold)
+    if not train_records:
+        raise StageInputError(f"stage '{stage.name}': no training record left after domain selection, the "
+                              "held-out split and hygiene (check domain / default_domain / min_strength)")
+    # step 4
+
+    def tokenize(records):
+        return [tokenize_ranked(tokenizer, r, cfg.max_length, max_prompt_length, stage.margin) for r in records]
+
+    train_ex, eval_ex = tokenize(train_records), tokenize(eval_records)
+    # step 5
+    plan = make_plan(
+        lambda epoch: group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size),
+        cfg.epochs, cfg.grad_accum * accelerator.num_processes, cfg.max_steps,
+    )
+
+    def make_train_batch(group):
+        return collate_ranked([train_ex[i] for i in group], tokenizer.pad_token_id, dtype).to(accelerator.device)
+
+    def rm_loss(model, batch):
+        rewards = model(*batch.model_inputs())  # (R,)
+        return reward_ranking_loss(rewards, batch.responses_per_prompt, batch.margins, stage.centering_coef,
+                                   reduction="sum")
+
+    # step 6
+    model = PackedRewards(rm)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    def held_out():
+        scores = score_examples(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, accelerator.device, dtype)
+        return scores, ranking_accuracy(scores, [e.strength for e in eval_ex], [e.domain for e in eval_ex])
+
+    accuracy_before = held_out()[1].get("rm_accuracy") if eval_ex else None
+    logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
+    total, trainable = count_parameters(rm)
+    accelerator.print(
+        f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval records "
+        f"({sum(e.num_responses for e in train_ex)} train responses), {len(plan)} steps, "
+        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); hygiene: {hygiene}"
+    )
+    summary = train(
+        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
+        make_batch=make_train_batch, loss_fn=rm_loss, units=prompts_in, cfg=cfg,
+        out_dir=ctx.out_dir, logger=logger, desc=stage.name,
+    )
+    metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
+               "steps": summary.steps, "train_tokens": summary.tokens, "train_records": len(train_ex),
+               "eval_records": len(eval_ex), **hygiene}
+    # step 7
+    out_dir = Path(ctx.out_dir)
+    if eval_ex:
+        eval_scores, accuracy = held_out()
+        metrics.update(accuracy, rm_accuracy_before=accuracy_before)
+        logger.log(summary.steps, accuracy, prefix="eval")
+        accelerator.print(f"[{stage.name}] held-out: " + json.dumps({k: round(v, 4) for k, v in accuracy.items()}))
+        if accelerator.is_main_process:
+            _write_eval_scores(out_dir / "eval_scores.jsonl", eval_records, eval_scores)
+    logger.close()
+    # step 8
+    stats_ex = train_ex[: stage.stats_records] + eval_ex
+    stats = None
+    if stats_ex:  # stats_records: 0 and no held-out split: no reward_stats.json
+        flat = [s for rec in score_examples(model, stats_ex, cfg.batch_size, tokenizer.pad_token_id,
+                                            accelerator.device, dtype) for s in rec]
+        stats = compute_stats(flat, max_length=cfg.max_length, max_prompt_length=max_prompt_length,
+                              extra={"records": len(stats_ex), "stage": stage.name})
+        metrics.update(reward_mean=stats.mean, reward_std=stats.std)
+    model_dir = out_dir / "model"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(accelerator.unwrap_model(model).model, tokenizer, model_dir)
+        if stats is not None:
+            stats.save(model_dir)
+    accelerator.wait_for_everyone()
+    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+
+
+def _write_eval_scores(path: Path, records, scores) -> None:
+    with path.open("w") as f:
+        for record, s in zip(records, scores, strict=True):
+            row = record.model_dump(mode="json", include={"prompt", "responses", "strength", "domain"})
+            f.write(json.dumps({**row, "scores": s}) + "\n")

@@ -1,0 +1,65 @@
+"""Reward model accuracy from scores (pure; no model, no torch).
+
+Llama 2 (table 8) reports preference accuracy per strength level; we add per-domain accuracy,
+the mean margin and, for records with 3+ ranked responses, top-1 accuracy. Input: for each record
+the scores of its responses in ranked order (best first), its strength (or None) and its domain.
+
+- ``rm_accuracy``: over every ordered pair (i better than j, i < j) of every record, the fraction
+  with ``score_i > score_j`` (a tie counts one half);
+- ``rm_accuracy/<strength>``, ``rm_accuracy/domain=<domain>``: the same over those records' pairs;
+- ``rm_accuracy/adjacent``: adjacent pairs only (best > middle, middle > worst; equals rm_accuracy
+  for pairwise data);
+- ``rm_top1_accuracy``: records whose best response gets the highest score (ties count 1/k);
+- ``rm_mean_margin``: mean of ``score(best) - score(worst)`` over records (``r_chosen - r_rejected``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+def _pair_credit(a: float, b: float) -> float:
+    return 1.0 if a > b else 0.5 if a == b else 0.0
+
+
+def ranking_accuracy(
+    scores: Sequence[Sequence[float]],
+    strengths: Sequence[str | None] | None = None,
+    domains: Sequence[str] | None = None,
+    prefix: str = "rm_",
+) -> dict[str, float]:
+    """Flat metrics (see the module docstring) for ranked ``scores``, one list per record."""
+    n = len(scores)
+    strengths = list(strengths) if strengths is not None else [None] * n
+    domains = list(domains) if domains is not None else [None] * n
+    if not (len(strengths) == len(domains) == n):
+        raise ValueError("scores, strengths and domains must have one entry per record")
+    if n == 0:
+        return {f"{prefix}num_records": 0.0}
+    groups: dict[str, list[float]] = {"": [], "adjacent": []}
+    top1, margins = [], []
+    for rec, strength, domain in zip(scores, strengths, domains, strict=True):
+        if len(rec) < 2:
+            raise ValueError("every record needs at least 2 scored responses")
+        credits = [_pair_credit(rec[i], rec[j]) for i in range(len(rec)) for j in range(i + 1, len(rec))]
+        groups[""] += credits
+        groups["adjacent"] += [_pair_credit(rec[i], rec[i + 1]) for i in range(len(rec) - 1)]
+        if strength is not None:
+            groups.setdefault(strength, []).extend(credits)
+        if domain is not None:
+            groups.setdefault(f"domain={domain}", []).extend(credits)
+        best = max(rec)
+        top1.append(1.0 / sum(s == best for s in rec) if rec[0] == best else 0.0)
+        margins.append(rec[0] - rec[-1])
+    out = {f"{prefix}accuracy": _mean(groups.pop(""))}
+    for key in sorted(groups):
+        out[f"{prefix}accuracy/{key}"] = _mean(groups[key])
+    out[f"{prefix}top1_accuracy"] = _mean(top1)
+    out[f"{prefix}mean_margin"] = _mean(margins)
+    out[f"{prefix}num_records"] = float(n)
+    out[f"{prefix}num_pairs"] = float(sum(len(r) * (len(r) - 1) // 2 for r in scores))
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")

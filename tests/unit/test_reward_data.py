@@ -1,0 +1,71 @@
+"""Reward model accuracy from scores (eval/) and the data hygiene / domain selection of the RM stage."""
+
+import pytest
+
+from align.data.ranking import apply_hygiene, select_domain, similarity, split_by_prompt
+from data_schemas import parse_record
+from eval.reward_accuracy import ranking_accuracy
+
+
+def test_accuracy_overall_per_strength_domain_top1_and_margin():
+    scores = [[2, 1], [0, 1], [3, 2, 1], [1, 3, 2]]
+    strengths = ["better", "better", "significantly_better", None]
+    domains = ["helpfulness", "safety", "helpfulness", "safety"]
+    m = ranking_accuracy(scores, strengths, domains)
+    # pairs: 1/1, 0/1, 3/3, 1/3 (only 3 > 2) -> 5/8
+    assert m["rm_accuracy"] == pytest.approx(5 / 8)
+    assert m["rm_accuracy/better"] == pytest.approx(0.5)
+    assert m["rm_accuracy/significantly_better"] == 1.0
+    assert m["rm_accuracy/domain=helpfulness"] == 1.0
+    assert m["rm_accuracy/domain=safety"] == pytest.approx(1 / 4)
+    assert m["rm_accuracy/adjacent"] == pytest.approx(4 / 6)  # 1, 0, 2/2, 1/2
+    assert m["rm_top1_accuracy"] == pytest.approx(0.5)
+    assert m["rm_mean_margin"] == pytest.approx((1 - 1 + 2 - 1) / 4)
+    assert m["rm_num_records"] == 4 and m["rm_num_pairs"] == 8
+    assert "rm_accuracy/None" not in m
+
+
+def test_ties_count_half():
+    m = ranking_accuracy([[1.0, 1.0], [2.0, 2.0, 0.0]])
+    assert m["rm_accuracy"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
+    assert m["rm_top1_accuracy"] == pytest.approx((0.5 + 0.5) / 2)
+
+
+def rec(responses, **kw):
+    return parse_record({"prompt": "q", "responses": responses, **kw}, "preference")
+
+
+def test_min_strength_keeps_unlabelled_records():
+    records = [rec(["a", "b"], strength=s) for s in
+               ("significantly_better", "better", "slightly_better", "negligibly_better", None)]
+    kept, counts = apply_hygiene(records, "better", None)
+    assert [r.strength for r in kept] == ["significantly_better", "better", None]
+    assert counts["dropped_below_min_strength"] == 2
+
+
+def test_near_duplicate_responses_are_dropped():
+    a, a2, b = "the cat sat on the mat today", "the cat sat on the mat today .", "dogs run fast in the park"
+    assert similarity(a, a2) > 0.9 > similarity(a, b)
+    kept, counts = apply_hygiene([rec([a, a2, b]), rec([a, a2]), rec([a, b])], None, 0.9)
+    assert [len(r.responses) for r in kept] == [2, 2]
+    assert [m.content for m in kept[0].responses] == [a, b]
+    assert counts == {"dropped_below_min_strength": 0.0, "dropped_near_duplicate_responses": 2.0,
+                      "dropped_near_duplicate_records": 1.0}
+
+
+def test_domain_selection_and_default_domain():
+    records = [rec(["a", "b"], domain="safety"), rec(["a", "b"]), rec(["a", "b"], domain="helpfulness")]
+    assert len(select_domain(records, "safety", None)) == 1
+    assert len(select_domain(records, "safety", "safety")) == 2  # the row without a domain joins
+    assert len(select_domain(records, "helpfulness", None)) == 2
+    assert len(select_domain(records, None, None)) == 3
+
+
+def test_split_holds_out_whole_prompts():
+    records = [parse_record({"prompt": p, "responses": ["a", str(i)]}, "preference")
+               for i, p in enumerate(["Q one", "q  ONE", "Q two", "Q three", "Q four"] * 2)]
+    train, held = split_by_prompt(records, 0.25, seed=0)
+    assert len(train) + len(held) == 10 and held
+    key = lambda r: " ".join(r.prompt[0].content.lower().split())  # noqa: E731
+    assert not {key(r) for r in train} & {key(r) for r in held}
+    assert len(held) in (2, 4) and split_by_prompt(records, 0.0, 0) == (records, [])
