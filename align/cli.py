@@ -138,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # user-facing input errors carry their own message
-        from data_schemas import DataError
-
         from align.runtime import StageInputError
+        from data_schemas import DataError
 
         if isinstance(err, (DataError, StageInputError)):
             print(f"error: {err}", file=sys.stderr)

@@ -2,13 +2,18 @@
 
 ``chat``: short single- and two-turn chats a model of a few million parameters can learn on a CPU in
 a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
+
+``world`` (SFT), ``world_helpful`` / ``world_safety`` / ``world`` (preference) and ``world`` /
+``world_eval`` (prompts): the built-in world with gold judges, see :mod:`eval.world`.
 """
 
 from __future__ import annotations
 
 import random
+from functools import partial
 
 from data_schemas import Message, SFTRecord
+from eval.world import eval_prompt_records, preference_records, prompt_records, sft_records
 
 _WORDS = (
     "apple river stone cloud tiger lemon piano rocket garden silver window candle forest button "
@@ -50,4 +55,15 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     return records
 
 
-BUILTIN_SFT = {"chat": chat_records}
+def world_preference_records(n: int, seed: int = 0):
+    """Both domains: helpfulness records first, then safety (half each)."""
+    return preference_records(n - n // 2, seed, "helpfulness") + preference_records(n // 2, seed, "safety")
+
+
+BUILTIN_SFT = {"chat": chat_records, "world": sft_records}
+BUILTIN_PREFERENCE = {  # name -> fn(n, seed) -> list[PreferenceRecord]
+    "world": world_preference_records,
+    "world_helpful": partial(preference_records, domain="helpfulness"),
+    "world_safety": partial(preference_records, domain="safety"),
+}
+BUILTIN_PROMPTS = {"world": prompt_records, "world_eval": eval_prompt_records}  # -> list[PromptRecord]

@@ -65,11 +65,15 @@ def builtin_preferences(n: int, seed: int = 0) -> list[PreferenceRecord]:
 
 
 def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
-    """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or ``builtin: chat``."""
+    """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or a built-in set
+    (``chat``, or the world's ``world``, ``world_helpful``, ``world_safety``)."""
     if spec.builtin is not None:
-        if spec.builtin != "chat":
-            raise ValueError(f"unknown built-in preference set '{spec.builtin}'; known: ['chat']")
-        records = builtin_preferences(spec.builtin_size, seed)
+        from align.data.builtin import BUILTIN_PREFERENCE
+
+        known = {"chat": builtin_preferences, **BUILTIN_PREFERENCE}
+        if spec.builtin not in known:
+            raise ValueError(f"unknown built-in preference set '{spec.builtin}'; known: {sorted(known)}")
+        records = known[spec.builtin](spec.builtin_size, seed)
     else:
         records = []
         for path in paths:
