@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ def train(
 
     rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
     bar = tqdm(
-        total=len(plan), initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True
+        total=len(plan), initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 10.0,
     )
     model.train()
     t_start = time.perf_counter()
