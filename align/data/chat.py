@@ -142,7 +142,7 @@ def formatting_token_ids(tokenizer, explicit: Sequence[str] | None = None) -> fr
     """
     if explicit is not None:
         ids = tokenizer.convert_tokens_to_ids(list(explicit))
-        unknown = [t for t, i in zip(explicit, ids) if i is None or i == tokenizer.unk_token_id]
+        unknown = [t for t, i in zip(explicit, ids, strict=True) if i is None or i == tokenizer.unk_token_id]
         if unknown:
             raise ChatFormatError(f"formatting tokens not in the vocabulary: {unknown}")
         return frozenset(ids)

@@ -25,8 +25,8 @@ from align.config.specs import DataSpec
 from align.data.builtin import chat_records
 from align.data.chat import ChatFormatError, assistant_char_spans
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import split
-from data_schemas import Message, PreferenceRecord, read_jsonl
+from align.data.sources import read_records, split
+from data_schemas import Message, PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
 
@@ -75,12 +75,7 @@ def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[l
             raise ValueError(f"unknown built-in preference set '{spec.builtin}'; known: {sorted(known)}")
         records = known[spec.builtin](spec.builtin_size, seed)
     else:
-        records = []
-        for path in paths:
-            rows = read_jsonl(path, "preference", skip_bad=spec.skip_bad_rows)
-            if getattr(rows, "skipped", 0):
-                print(f"{path}: skipped {rows.skipped} bad rows")
-            records += rows
+        records = read_records(list(paths), "preference", spec.skip_bad_rows)
     if spec.limit is not None:
         records = records[: spec.limit]
     return split(records, spec.eval_fraction, seed)

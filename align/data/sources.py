@@ -9,6 +9,17 @@ from align.data.builtin import BUILTIN_SFT
 from data_schemas import Message, SFTRecord, read_jsonl
 
 
+def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
+    """Validated records of every file, in order; with ``skip_bad``, bad rows are skipped and counted."""
+    records = []
+    for path in paths:
+        rows = read_jsonl(path, kind, skip_bad=skip_bad)
+        if rows.skipped:
+            print(f"{path}: skipped {rows.skipped} bad rows (first: {rows.errors[0]})")
+        records += rows
+    return records
+
+
 def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | None = None):
     """-> (train, eval) lists of SFTRecord."""
     if spec.builtin is not None:
@@ -16,12 +27,7 @@ def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | N
             raise ValueError(f"unknown built-in data set '{spec.builtin}'; known: {sorted(BUILTIN_SFT)}")
         records = BUILTIN_SFT[spec.builtin](spec.builtin_size, seed)
     else:
-        records = []
-        for path in paths:
-            rows = read_jsonl(path, "sft", skip_bad=spec.skip_bad_rows)
-            if getattr(rows, "skipped", 0):
-                print(f"{path}: skipped {rows.skipped} bad rows")
-            records += rows
+        records = read_records(paths, "sft", spec.skip_bad_rows)
     if spec.limit is not None:
         records = records[: spec.limit]
     if system_prompt:
@@ -59,10 +65,5 @@ def load_prompts(spec: DataSpec, paths: list[str], seed: int):
             raise ValueError(f"unknown built-in prompt set '{spec.builtin}'; known: {sorted(BUILTIN_PROMPTS)}")
         records = BUILTIN_PROMPTS[spec.builtin](spec.builtin_size, seed)
     else:
-        records = []
-        for path in paths:
-            rows = read_jsonl(path, "prompt", skip_bad=spec.skip_bad_rows)
-            if getattr(rows, "skipped", 0):
-                print(f"{path}: skipped {rows.skipped} bad rows")
-            records += rows
+        records = read_records(paths, "prompt", spec.skip_bad_rows)
     return records[: spec.limit] if spec.limit is not None else records

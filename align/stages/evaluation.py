@@ -40,7 +40,7 @@ def _response_logits(model, tokenizer, prompts, responses, batch_size: int = 16)
     out = []
     for start in range(0, len(prompts), batch_size):
         rows, spans = [], []
-        for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size]):
+        for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True):
             prompt_ids = tokenize_prompt(tokenizer, p)
             resp_ids = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eot]
             rows.append(prompt_ids + resp_ids)
@@ -61,7 +61,7 @@ def _response_logits(model, tokenizer, prompts, responses, batch_size: int = 16)
 def kl_to_reference(policy, reference, tokenizer, prompts, responses) -> float:
     pol = _response_logits(policy, tokenizer, prompts, responses)
     ref = _response_logits(reference, tokenizer, prompts, responses)
-    per_prompt = [float((p.exp() * (p - r)).sum()) for p, r in zip(pol, ref)]
+    per_prompt = [float((p.exp() * (p - r)).sum()) for p, r in zip(pol, ref, strict=True)]
     return sum(per_prompt) / max(len(per_prompt), 1)
 
 
@@ -128,7 +128,7 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
     # step 3
     out = Path(ctx.out_dir)
     write_jsonl(out / "answers.jsonl", [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
-                                         for p, r in zip(prompts, responses)])
+                                         for p, r in zip(prompts, responses, strict=True)])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return StageResult(artifacts={"answers": str(out / "answers.jsonl")}, metrics=metrics)
 
@@ -164,7 +164,7 @@ def _cmd_policy(args) -> int:
                                   sampling=sampling)
     if args.out:
         write_jsonl(args.out, [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
-                               for p, r in zip(prompts, responses)])
+                               for p, r in zip(prompts, responses, strict=True)])
     for k, v in metrics.items():
         print(f"{k:>28}: {v:.4f}")
     print(json.dumps(metrics))

@@ -84,7 +84,7 @@ def make_reward(spec: RewardSpec, ctx: StageContext):
     if spec.function == "gold":
         from rewards.gold import judge
 
-        return lambda records, texts: [judge(r.prompt, t).score for r, t in zip(records, texts)]
+        return lambda records, texts: [judge(r.prompt, t).score for r, t in zip(records, texts, strict=True)]
     from rewards.scoring import RewardScorer
 
     if spec.model is not None:
@@ -141,7 +141,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     texts: list[list[str]] = [[] for _ in prompts]
     finish: list[list[str]] = [[] for _ in prompts]
     for row in store.values():
-        for i, ss, ff in zip(row["prompts"], row["samples"], row["finish"]):
+        for i, ss, ff in zip(row["prompts"], row["samples"], row["finish"], strict=True):
             texts[i], finish[i] = ss, ff
     pools = _previous_pools(stage, ctx) if stage.pool_previous_rounds else {}
     candidates = [list(dict.fromkeys([t for t in texts[i] + pools.get(_prompt_key(p.prompt), []) if t.strip()]))
@@ -155,7 +155,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     pos = 0
     provenance = {"model": ctx.model_path(stage.model), "round": ctx.round, "k": stage.k,
                   "temperature": stage.sampling.temperature, "stage": stage.name}
-    for p, cands in zip(prompts, candidates):
+    for p, cands in zip(prompts, candidates, strict=True):
         scores = flat_scores[pos : pos + len(cands)]
         pos += len(cands)
         samples_rows.append({"key": _prompt_key(p.prompt), "texts": cands, "scores": scores})
@@ -203,7 +203,7 @@ def _gold_metrics(prompts, texts, sft) -> dict:
     from rewards.gold import judge
 
     every, first = [], []
-    for p, ts in zip(prompts, texts):
+    for p, ts in zip(prompts, texts, strict=True):
         scored = [judge(p.prompt, t).score for t in ts]
         every += scored
         first += scored[:1]

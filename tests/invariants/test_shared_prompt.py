@@ -33,7 +33,7 @@ def separate(lm, prompt, response):
 def test_packed_equals_separate_rows():
     for attn in ("sdpa", "eager"):
         lm = tiny_lm(attn)
-        rows = [build_row(p, rs) for p, rs in zip(PROMPTS, RESPONSES)]
+        rows = [build_row(p, rs) for p, rs in zip(PROMPTS, RESPONSES, strict=True)]
         batch = collate_shared(rows, pad_id=0)
         with torch.no_grad():
             logps = TokenLogps(lm)(*batch.model_inputs())
@@ -42,7 +42,7 @@ def test_packed_equals_separate_rows():
             ).last_hidden_state
         flat_hidden = hidden.reshape(-1, hidden.shape[-1])[batch.last_index]
         r = 0
-        for prompt, responses in zip(PROMPTS, RESPONSES):
+        for prompt, responses in zip(PROMPTS, RESPONSES, strict=True):
             for resp in responses:
                 want_logps, want_hidden = separate(lm, prompt, resp)
                 got = logps[batch.owner == r]

@@ -58,7 +58,7 @@ def test_loss_mask_covers_assistant_content_and_eot_only(tok):
         expected += [trained] * len(toks(piece))
     assert mask == expected
     # the masked tokens decode to exactly the two answers with their termination tokens
-    kept = [i for i, m in zip(ids, mask) if m]
+    kept = [i for i, m in zip(ids, mask, strict=True) if m]
     assert tok.decode(kept) == f"Hello!{EOT}4{EOT}"
     assert sum(mask) == len("Hello!") + 1 + len("4") + 1
     assert kept[-1] == termination_token_id(tok)
