@@ -25,7 +25,7 @@ from align.config.specs import DataSpec
 from align.data.builtin import chat_records
 from align.data.chat import ChatFormatError, assistant_char_spans
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import read_records, split
+from align.data.sources import builtin_records, read_records, split
 from data_schemas import Message, PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
@@ -70,10 +70,7 @@ def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[l
     if spec.builtin is not None:
         from align.data.builtin import BUILTIN_PREFERENCE
 
-        known = {"chat": builtin_preferences, **BUILTIN_PREFERENCE}
-        if spec.builtin not in known:
-            raise ValueError(f"unknown built-in preference set '{spec.builtin}'; known: {sorted(known)}")
-        records = known[spec.builtin](spec.builtin_size, seed)
+        records = builtin_records({"chat": builtin_preferences, **BUILTIN_PREFERENCE}, spec, seed, "preference")
     else:
         records = read_records(list(paths), "preference", spec.skip_bad_rows)
     if spec.limit is not None:

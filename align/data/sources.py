@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 from align.config.specs import DataSpec
-from align.data.builtin import BUILTIN_SFT
+from align.data.builtin import BUILTIN_PROMPTS, BUILTIN_SFT
 from data_schemas import Message, SFTRecord, read_jsonl
 
 
@@ -20,12 +20,17 @@ def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
     return records
 
 
+def builtin_records(table: dict, spec: DataSpec, seed: int, what: str) -> list:
+    """Generate ``spec.builtin`` from ``table`` (name -> fn(n, seed)), or say which names exist."""
+    if spec.builtin not in table:
+        raise ValueError(f"unknown built-in {what} set '{spec.builtin}'; known: {sorted(table)}")
+    return table[spec.builtin](spec.builtin_size, seed)
+
+
 def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | None = None):
     """-> (train, eval) lists of SFTRecord."""
     if spec.builtin is not None:
-        if spec.builtin not in BUILTIN_SFT:
-            raise ValueError(f"unknown built-in data set '{spec.builtin}'; known: {sorted(BUILTIN_SFT)}")
-        records = BUILTIN_SFT[spec.builtin](spec.builtin_size, seed)
+        records = builtin_records(BUILTIN_SFT, spec, seed, "SFT")
     else:
         records = read_records(paths, "sft", spec.skip_bad_rows)
     if spec.limit is not None:
@@ -58,12 +63,8 @@ def conversation(record: SFTRecord) -> list[Message]:
 
 def load_prompts(spec: DataSpec, paths: list[str], seed: int):
     """-> list of PromptRecord from a built-in pool or files (any of our record kinds)."""
-    from align.data.builtin import BUILTIN_PROMPTS
-
     if spec.builtin is not None:
-        if spec.builtin not in BUILTIN_PROMPTS:
-            raise ValueError(f"unknown built-in prompt set '{spec.builtin}'; known: {sorted(BUILTIN_PROMPTS)}")
-        records = BUILTIN_PROMPTS[spec.builtin](spec.builtin_size, seed)
+        records = builtin_records(BUILTIN_PROMPTS, spec, seed, "prompt")
     else:
         records = read_records(paths, "prompt", spec.skip_bad_rows)
     return records[: spec.limit] if spec.limit is not None else records

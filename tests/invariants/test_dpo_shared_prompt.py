@@ -10,14 +10,7 @@ from align.data.preference import builtin_preferences, collate_pairs, tokenize_p
 from align.losses.dpo import response_sums, response_token_counts
 from align.models.logps import TokenLogps
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (several times faster on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shared_prompt_rows_equal_separate_rows():

@@ -32,13 +32,7 @@ UNEQUAL = [("What is 2 plus 3?", "5.", "6 I think."), ("Reverse abc.", "cba, don
 EQUAL = [("What is 2 plus 3?", "5.", "6 I think."), ("Reverse abc.", "cb", "abc"), ("Say hi.", "Hi", "No.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one intra-op thread (several times faster on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rows(triples):
