@@ -12,8 +12,9 @@
   word, another entry of the table), so a reward model must learn the task, not a surface cue.
 - Prompt pools (tagged ``safety`` for harmful requests and their look-alikes) and held-out evaluation
   prompts. Held-out prompts never occur in training data, for any seed. Helpfulness tasks, which a
-  tiny model learns by heart (sums, spellings, the fact tables), are held out by phrasing: their third
-  template ("Tell me 3 plus 4.", "Tell me the capital of Zorbia.") is never trained on. Safety tasks,
+  tiny model learns by heart (sums, spellings, the fact tables), are held out by phrasing: one template
+  per family is never trained on (``HELD_OUT_TEMPLATE``: "Tell me 3 plus 4.", "What is 5 minus 2?"), while
+  its frame is trained on in other families ("Tell me 5 minus 2.", "What is 3 plus 4?"). Safety tasks,
   where the point is a rule (refuse by the verb or the thing made), are held out by content, split by
   a hash with the template left out: "steal a drum" is unseen in every phrasing while "steal" and
   "drum" are seen elsewhere.
@@ -74,6 +75,12 @@ _IMPERFECT = {
 }
 
 
+# The held-out phrasing of each helpfulness family. They differ, so every frame ("What is ...", "Tell me ...")
+# is trained on in other families: "Tell me 3 plus 4." is unseen, "Tell me 3 minus 1." and "What is 3 plus
+# 4?" are seen. (Holding out one frame in every family asks a tiny model for a phrasing it never read.)
+HELD_OUT_TEMPLATE = {"add": 2, "sub": 0, "upper": 2, "first_letter": 1, "capital": 0, "color": 2}
+
+
 def group_of(task: Task) -> str:
     return "harmful" if task.spec.harmful else task.spec.domain.replace("safety", "benign")
 
@@ -81,7 +88,7 @@ def group_of(task: Task) -> str:
 def split_of(task: Task) -> str:
     """"eval" for held-out tasks, else "train" (stable across seeds and Python runs)."""
     if task.spec.domain == "helpfulness":
-        return "eval" if task.template == len(task.spec.prompts) - 1 else "train"
+        return "eval" if task.template == HELD_OUT_TEMPLATE[task.family] else "train"
     return "eval" if zlib.crc32(_key(task).encode()) % 5 == 0 else "train"
 
 

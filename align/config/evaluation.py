@@ -19,7 +19,7 @@ class EvaluationStage(StageBase):
     kind: Literal["evaluate"] = "evaluate"
     model: ModelSpec = Field(..., description="the policy to evaluate")
     prompts: DataSpec = Field(
-        default_factory=lambda: DataSpec(builtin="world_eval", builtin_size=300),
+        default_factory=lambda: DataSpec(builtin="world_eval", builtin_size=600),
         description="held-out prompts (default: the built-in world's evaluation prompts)",
     )
     reference: ModelSpec | None = Field(None, description="policy to measure KL against (null: no KL)")

@@ -98,14 +98,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         stages = {s.get("name"): s for s in data.get("stages", []) if isinstance(s, dict)}
         if parts[0] in stages and parts[0] not in Recipe.model_fields:
             target, parts = stages[parts[0]], parts[1:]
+            fields = _fields_of(STAGE_BY_KIND.get(target.get("kind")))
         elif len(parts) == 1:
-            target = data
+            target, fields = data, None
         else:
             options = list(stages) + list(Recipe.model_fields)
             problems.append(f"override '{key}': no stage named '{parts[0]}'{_suggest(parts[0], options)}")
             continue
         for p in parts[:-1]:
-            target = target.setdefault(p, {})
+            field = (fields or {}).get(p)
+            if p not in target:  # start from the field's default, so other keys keep their defaults
+                target[p] = _default_mapping(field)
+            target = target[p]
+            fields = _fields_of(field.annotation) if field is not None else None
             if not isinstance(target, dict):
                 problems.append(f"override '{key}': '{p}' is not a mapping")
                 break
@@ -114,6 +119,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     if problems:
         raise RecipeError("command line", problems)
     return data
+
+
+def _default_mapping(field) -> dict:
+    """A nested spec's default as a plain mapping (``{}`` when it has none)."""
+    if field is None:
+        return {}
+    default = field.get_default(call_default_factory=True)
+    return default.model_dump(by_alias=True) if isinstance(default, BaseModel) else {}
 
 
 def _fields_of(annotation) -> dict | None:

@@ -143,7 +143,7 @@ def add_command(subparsers) -> None:
     )
     p.add_argument("--model", required=True, help="policy checkpoint (HF folder or hub id)")
     p.add_argument("--prompts", help="prompt file (JSONL: prompt records or any preference/SFT file)")
-    p.add_argument("--n", type=int, default=300, help="number of built-in evaluation prompts (default 300)")
+    p.add_argument("--n", type=int, default=600, help="number of built-in evaluation prompts (default 600)")
     p.add_argument("--reference", help="reference policy for kl_to_reference")
     p.add_argument("--reward-model", action="append", default=[], metavar="NAME=PATH",
                    help="a reward model to score the answers with (repeatable)")

@@ -11,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 SMALL = [
     "sft.data.builtin_size=2500", "sft.train.epochs=1", "sft.train.save_every=0",
-    *[f"{e}.prompts={{builtin: world_eval, builtin_size: 40}}" for e in ("eval_sft", "eval_sft_rs", "eval_dpo")],
+    *[f"{e}.prompts.builtin_size=40" for e in ("eval_sft", "eval_sft_rs", "eval_dpo")],
     "rm_helpful.data.builtin_size=300", "rm_safety.data.builtin_size=300",
     "rm_helpful.train.epochs=1", "rm_safety.train.epochs=1",
     "rs.prompts.builtin_size=64", "rs.k=4", "annotate.prompts.builtin_size=128", "annotate.k=4",

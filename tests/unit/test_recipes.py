@@ -64,6 +64,15 @@ def test_overrides_apply_and_are_checked():
     assert problems(base(), ["sft.train.batch_size=0"])[0].startswith("stages[sft].train.batch_size:")
 
 
+def test_override_of_a_defaulted_nested_spec_keeps_its_other_defaults():
+    data = base()
+    data["stages"].append({"name": "ev", "kind": "evaluate", "model": {"from": "sft"}})
+    recipe = recipe_from_dict(data, ["ev.prompts.builtin_size=40", "ev.sampling.max_new_tokens=8"])
+    ev = recipe.stage("ev")
+    assert (ev.prompts.builtin, ev.prompts.builtin_size) == ("world_eval", 40)
+    assert (ev.sampling.max_new_tokens, ev.sampling.temperature) == (8, 0.0)
+
+
 def test_model_needs_exactly_one_source():
     data = base()
     data["stages"][0]["model"]["from"] = "x"

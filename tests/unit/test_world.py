@@ -22,7 +22,7 @@ from eval.world import (
 )
 from eval.world_eval import as_messages, evaluate_policy
 from rewards.gold import judge, read_prompt
-from rewards.world import BENIGN_VERBS, HARMFUL_VERBS, OBJECTS, REFUSAL, Task
+from rewards.world import BENIGN_VERBS, FAMILIES, HARMFUL_VERBS, HELPFULNESS_FAMILIES, OBJECTS, REFUSAL, Task
 
 
 def dumps(records):
@@ -157,3 +157,18 @@ def test_evaluate_policy_scorers_kl_and_prompt_forms(held_out):
     assert m["kl"] == 0.25 and m["reward/len"] > 0
     with pytest.raises(ValueError, match="returned 1 responses for 10 prompts"):
         evaluate_policy(lambda ps: ["x"], held_out[:10])
+
+
+def test_held_out_phrasings_rotate_so_every_frame_is_trained():
+    """Each family holds out one template; its opening words are trained on in some other family."""
+    from eval.world import HELD_OUT_TEMPLATE
+
+    def frame(text: str) -> str:
+        return " ".join(text.split()[:2])
+
+    trained = {frame(FAMILIES[f].prompts[i]) for f in HELD_OUT_TEMPLATE
+               for i in range(len(FAMILIES[f].prompts)) if i != HELD_OUT_TEMPLATE[f]}
+    assert set(HELD_OUT_TEMPLATE) == set(HELPFULNESS_FAMILIES)
+    for family, i in HELD_OUT_TEMPLATE.items():
+        assert split_of(Task(family, {}, i)) == "eval"
+        assert frame(FAMILIES[family].prompts[i]) in trained, family
