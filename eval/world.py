@@ -2,7 +2,7 @@
 
 - SFT seed chats, deliberately imperfect so later stages have something to fix: about 15-20% of
   helpfulness answers are wrong or near misses, 20-25% of harmful requests are complied with, 20-25%
-  of benign look-alikes are refused; most of these mistakes are systematic (``TRAPS``). 15% carry a
+  of benign look-alikes are refused; most of these mistakes are systematic (``TRAPS``). 30% carry a
   system instruction (followed on every turn), 15% have two turns.
 - Preference records labelled by the gold judge: 2-3 distinct responses ranked by gold score; 15% are
   Llama 3 style ``edited > chosen > rejected`` (the gold correction first, ``edited=True``). ``strength``
@@ -66,6 +66,9 @@ TRAPS = {"add": ("a", "5"), "sub": ("a", "5"), "upper": ("w", "fox"), "first_let
          "harmful_make": ("stem", "ember"), "benign_act": ("verb", "wash"), "benign_make": ("kind", "tart")}
 TRAP_RATE = 0.6  # chance of the group's mistake on a trap item; elsewhere:
 NOISE_RATE = {"helpfulness": 0.12, "harmful": 0.15, "benign": 0.12}
+# Share of SFT chats with a system instruction. Copying the end word from the system turn is the slowest
+# skill to learn; at 15% a tiny model picks it up in some seeds and not others.
+SFT_INSTRUCTION_RATE = 0.3
 GROUPS = {"helpfulness": HELPFULNESS_FAMILIES, "harmful": HARMFUL_FAMILIES, "benign": BENIGN_SAFETY_FAMILIES}
 # Styles of response the generator can write, with the weights of the imperfect ones per group.
 _IMPERFECT = {
@@ -218,7 +221,7 @@ def sft_records(n: int, seed: int = 0) -> list[SFTRecord]:
     rng = random.Random(f"world-sft:{seed}")
     records = []
     for i in range(n):
-        ins = rng.choice(all_instructions()) if rng.random() < 0.15 else None
+        ins = rng.choice(all_instructions()) if rng.random() < SFT_INSTRUCTION_RATE else None
         msgs = [Message(role="system", content=ins.text)] if ins else []
         families, styles = [], []
         for _ in range(2 if rng.random() < 0.15 else 1):
