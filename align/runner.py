@@ -1,33 +1,39 @@
-"""Run a recipe: stages in order, each in ``runs/<name>/round_<k>/<stage>/``.
+"""Run a recipe: stages in order, each in ``runs/<name>/round_<k>/<stage>/``, each in a process of its own.
+
+The runner only orchestrates; it never imports torch. Every stage runs in a child process, so no global
+state (accelerate's, torch's, a model's memory) leaks from one stage into the next:
+
+- one process: forked from a fork server that has imported torch, transformers and the stage modules once
+  (a fresh process per stage for milliseconds, not seconds of imports);
+- ``launch.num_processes > 1``: ``torchrun`` (or ``accelerate launch`` with the stage's config) of
+  ``python -m align.runner``.
 
 A stage whose ``result.json`` carries the same fingerprint (its config, the seed, its upstream stages'
-fingerprints and the content of its input files) is skipped. A stage folder whose fingerprint differs
-is cleared and the stage rerun; a stage that was interrupted resumes from its latest checkpoint.
-A stage with ``launch.num_processes > 1`` runs in child processes (torchrun, or ``accelerate launch``
-with the given config); otherwise it runs in this process.
+fingerprints and the content of its input files) is skipped. A stage folder whose fingerprint differs is
+cleared and the stage rerun; a stage that was interrupted resumes from its latest checkpoint. After a stage
+ends, every artifact its kind declares must exist, or the stage fails.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
-import importlib
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
+from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
-from align.runtime import StageContext, StageResult, read_result, write_result
+from align.config.registry import STAGE_TYPES
+from align.runtime import StageContext, StageFailed, StageInputError, StageResult, read_result, write_result
 
-STAGE_MODULES = {"sft": "align.train.sft", "dpo": "align.train.dpo", "reward_model": "align.train.reward_model",
-                 "model_average": "align.stages.model_average",
-                 "rejection_sampling": "align.stages.rejection_sampling", "evaluate": "align.stages.evaluation"}
-VERSION = "0.1.0"
+VERSION = "0.2.0"  # part of every fingerprint: results of an older contract are recomputed
 
 
 def _hash_path(path: Path, h) -> None:
@@ -73,69 +79,180 @@ def _view(per_round: dict[int, dict], round_: int) -> dict:
     return view
 
 
-def run_stage_here(recipe: Recipe, stage, round_: int, history: dict[int, dict[str, StageResult]]) -> StageResult:
-    module = importlib.import_module(STAGE_MODULES[stage.kind])
+def _schedule(recipe: Recipe):
+    """(round, stage) in run order, skipping stages that do not run in a round."""
+    for round_ in range(1, recipe.rounds + 1):
+        for stage in recipe.stages:
+            if stage.in_rounds is None or round_ in stage.in_rounds:
+                yield round_, stage
+
+
+# -- the stage's own process ---------------------------------------------------------------------------
+
+
+def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageResult:
+    """Run one stage in this process: rebuild what earlier stages wrote from their ``result.json``, call
+    the stage kind's ``run(stage, ctx)``, check its declared outputs exist and write its ``result.json``
+    (the main process of a multi-process stage). Earlier stages must have finished."""
+    import importlib
+
+    history: dict[int, dict[str, StageResult]] = {}
+    for r, earlier in _schedule(recipe):
+        if (r, earlier.name) == (round_, stage_name):
+            stage = earlier
+            break
+        _, history.setdefault(r, {})[earlier.name] = read_result(stage_dir(recipe, r, earlier.name))
+    else:
+        raise KeyError(f"no stage '{stage_name}' in round {round_}")
+    out = stage_dir(recipe, round_, stage.name)
+    produced = stage_outputs(recipe.stages)
+    upstream_kinds = {ref: produced.get(ref.removeprefix("prev."), frozenset()) for ref in stage.references()}
     ctx = StageContext(
-        recipe=recipe, round=round_, out_dir=stage_dir(recipe, round_, stage.name),
-        upstream=_view(history, round_),
-        history={r: v for r, v in history.items() if r < round_},
+        recipe=recipe, round=round_, out_dir=out, upstream=_view(history, round_),
+        history={r: v for r, v in history.items() if r < round_}, outputs=stage.outputs(upstream_kinds),
     )
-    return module.run(stage, ctx)
+    result = importlib.import_module(stage.runs_in).run(stage, ctx)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return result
+    missing = [f"{kind} ({rel})" for kind, rel in ctx.outputs.items() if not (out / rel).exists()]
+    if missing:
+        raise RuntimeError(f"the {stage.kind} stage did not write its declared output(s): {', '.join(missing)}")
+    result.artifacts = {kind: str(out / rel) for kind, rel in ctx.outputs.items()}
+    write_result(out, result, fp)
+    return result
 
 
-def _launch_children(recipe_file: Path, stage, round_: int) -> None:
+def _user_error(err: BaseException) -> bool:
+    from data_schemas import DataError
+
+    return isinstance(err, (StageInputError, DataError))
+
+
+def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env: dict, threads, conn) -> None:
+    """Target of a one-process stage's child: the environment and thread count of the parent, then
+    :func:`run_stage`; reports ``None`` or ``(user_error, message)`` through ``conn``."""
+    _die_with_parent()
+    os.environ.clear()
+    os.environ.update(env)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        run_stage(load_recipe(recipe_file), stage_name, round_, fp)
+    except BaseException as err:  # noqa: BLE001 (reported to the parent, which raises)
+        if not _user_error(err):
+            traceback.print_exc()
+        conn.send((_user_error(err), f"{type(err).__name__}: {err}"))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    conn.send(None)
+
+
+def _die_with_parent() -> None:
+    """Linux: end this process when its parent (the fork server, which ends with the run) does."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_FORKSERVER = None
+
+
+def _fork_context():
+    """A fork server that imports the heavy modules once (not torch's thread pools: it runs nothing)."""
+    global _FORKSERVER
+    if _FORKSERVER is None:
+        _FORKSERVER = multiprocessing.get_context("forkserver")
+        modules = ["torch", "transformers", "accelerate", "align.runner"]
+        _FORKSERVER.set_forkserver_preload(modules + sorted({cls.runs_in for cls in STAGE_TYPES}))
+    return _FORKSERVER
+
+
+def _run_child(recipe_file: Path, stage, round_: int, fp: str) -> None:
+    if stage.launch.num_processes > 1:
+        _launch_children(recipe_file, stage, round_, fp)
+        return
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
+    mp = _fork_context()
+    receive, send = mp.Pipe(duplex=False)
+    proc = mp.Process(target=_stage_process, name=f"align-{stage.name}",
+                      args=(str(recipe_file), stage.name, round_, fp, dict(os.environ), threads, send))
+    proc.start()
+    send.close()
+    try:
+        outcome = receive.recv()
+    except EOFError:
+        outcome = (False, "the stage's process ended without a result")
+    finally:
+        proc.join(timeout=60)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
+    if outcome is not None:
+        user_error, message = outcome
+        if proc.exitcode and proc.exitcode < 0:
+            message += f" (killed by signal {-proc.exitcode})"
+        raise StageFailed(stage.name, round_, message, user_error)
+
+
+def _launch_children(recipe_file: Path, stage, round_: int, fp: str) -> None:
     n = stage.launch.num_processes
-    entry = ["-m", "align.runner", "--recipe", str(recipe_file), "--stage", stage.name, "--round", str(round_)]
+    entry = ["-m", "align.runner", "--recipe", str(recipe_file), "--stage", stage.name, "--round", str(round_),
+             "--fingerprint", fp]
     if stage.launch.accelerate_config:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                stage.launch.accelerate_config, "--num_processes", str(n), *entry]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *entry]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if done.returncode != 0:
+        raise StageFailed(stage.name, round_, f"{n} processes: exit code {done.returncode} (see above)")
+
+
+# -- the orchestrator ----------------------------------------------------------------------------------
 
 
 def run_recipe(recipe: Recipe, log=print) -> list[dict]:
-    """Run every stage of every round; returns the report records."""
+    """Run every stage of every round, each in its own process; returns the report records."""
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "resolved.yaml"
     resolved.write_text(dump_recipe(recipe))
     records, worked = [], False
-    history: dict[int, dict[str, StageResult]] = {}
     all_fps: dict[int, dict[str, str]] = {}
-    for round_ in range(1, recipe.rounds + 1):
-        results = history.setdefault(round_, {})
+    for round_, stage in _schedule(recipe):
         fps = all_fps.setdefault(round_, {})
-        for stage in recipe.stages:
-            if stage.in_rounds is not None and round_ not in stage.in_rounds:
-                continue
-            out = stage_dir(recipe, round_, stage.name)
-            fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
-            old_fp, old = read_result(out)
-            t0 = time.perf_counter()
-            if old_fp == fp:
-                log(f"[round {round_}] {stage.name}: up to date, skipped")
-                result, skipped = old, True
-            else:
-                marker = out / "stage.json"
-                if out.exists() and (not marker.exists() or json.loads(marker.read_text())["fingerprint"] != fp):
-                    shutil.rmtree(out)  # made by another config: start clean
-                out.mkdir(parents=True, exist_ok=True)
-                marker.write_text(json.dumps({"fingerprint": fp, "kind": stage.kind}))
-                log(f"[round {round_}] {stage.name} ({stage.kind}): running")
-                if stage.launch.num_processes > 1:
-                    _launch_children(resolved, stage, round_)
-                    _, result = read_result(out)
-                else:
-                    result = run_stage_here(recipe, stage, round_, history)
-                    write_result(out, result, fp)
-                gc.collect()
-                skipped, worked = False, True
-            results[stage.name], fps[stage.name] = result, fp
-            records.append({
-                "round": round_, "stage": stage.name, "kind": stage.kind, "metrics": result.metrics,
-                "artifacts": result.artifacts, "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1),
-            })
+        out = stage_dir(recipe, round_, stage.name)
+        fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
+        old_fp, result = read_result(out)
+        t0 = time.perf_counter()
+        skipped = old_fp == fp
+        if skipped:
+            log(f"[round {round_}] {stage.name}: up to date, skipped")
+        else:
+            marker = out / "stage.json"
+            if out.exists() and (not marker.exists() or json.loads(marker.read_text())["fingerprint"] != fp):
+                shutil.rmtree(out)  # made by another config: start clean
+            out.mkdir(parents=True, exist_ok=True)
+            marker.write_text(json.dumps({"fingerprint": fp, "kind": stage.kind}))
+            log(f"[round {round_}] {stage.name} ({stage.kind}): running")
+            _run_child(resolved, stage, round_, fp)
+            _, result = read_result(out)
+            if result is None:
+                raise StageFailed(stage.name, round_, "it ended without writing result.json")
+            worked = True
+        fps[stage.name] = fp
+        records.append({
+            "round": round_, "stage": stage.name, "kind": stage.kind, "metrics": result.metrics,
+            "artifacts": {str(k): v for k, v in result.artifacts.items()}, "skipped": skipped,
+            "seconds": round(time.perf_counter() - t0, 1),
+        })
     if not worked:
         log("nothing to do: every stage is up to date")
     write_report(run_dir, recipe, records)
@@ -159,28 +276,14 @@ def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
 
 
 def _child_main(argv=None) -> None:
-    """Entry of a stage's child processes (``python -m align.runner``)."""
+    """Entry of a multi-process stage's processes (``python -m align.runner``, under torchrun)."""
     p = argparse.ArgumentParser(description="run one stage of a resolved recipe (used by align run)")
-    p.add_argument("--recipe", required=True)
-    p.add_argument("--stage", required=True)
-    p.add_argument("--round", type=int, default=1)
+    p.add_argument("--recipe", required=True, help="the run's resolved.yaml")
+    p.add_argument("--stage", required=True, help="the stage's name")
+    p.add_argument("--round", type=int, default=1, help="the round (1-based)")
+    p.add_argument("--fingerprint", required=True, help="written into result.json")
     args = p.parse_args(argv)
-    recipe = load_recipe(args.recipe)
-    history: dict[int, dict[str, StageResult]] = {}
-    all_fps: dict[int, dict[str, str]] = {}
-    for round_ in range(1, args.round + 1):
-        for stage in recipe.stages:
-            if stage.in_rounds is not None and round_ not in stage.in_rounds:
-                continue
-            fps = all_fps.setdefault(round_, {})
-            fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
-            if round_ == args.round and stage.name == args.stage:
-                result = run_stage_here(recipe, stage, round_, history)
-                if int(os.environ.get("RANK", "0")) == 0:
-                    write_result(stage_dir(recipe, round_, stage.name), result, fp)
-                return
-            _, history.setdefault(round_, {})[stage.name] = read_result(stage_dir(recipe, round_, stage.name))
-            fps[stage.name] = fp
+    run_stage(load_recipe(args.recipe), args.stage, args.round, args.fingerprint)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from align.config.base import MODELS, Artifact
 from align.config.recipe import Recipe
 from align.config.specs import PREV, DataSpec, ModelSpec, as_refs
 
@@ -14,13 +15,25 @@ class StageInputError(ValueError):
     """A stage's inputs cannot be found or used."""
 
 
+class StageFailed(RuntimeError):
+    """A stage's process ended with an error. ``user_error``: bad input (the message says what), not a bug."""
+
+    def __init__(self, stage: str, round_: int, message: str, user_error: bool = False):
+        self.stage, self.round, self.user_error = stage, round_, user_error
+        super().__init__(f"stage '{stage}' (round {round_}) failed: {message}")
+
+
 @dataclass
 class StageResult:
-    artifacts: dict[str, str] = field(default_factory=dict)  # e.g. {"model": ".../model", "data": "..."}
-    metrics: dict[str, float] = field(default_factory=dict)
+    artifacts: dict[Artifact, str] = field(default_factory=dict)  # artifact type -> path
+    metrics: dict[str, float] = field(default_factory=dict)  # flat name -> number
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"artifacts": {str(k): v for k, v in self.artifacts.items()}, "metrics": self.metrics}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageResult:
+        return cls({Artifact(k): v for k, v in data.get("artifacts", {}).items()}, data.get("metrics", {}))
 
 
 @dataclass
@@ -30,24 +43,31 @@ class StageContext:
     out_dir: Path  # this stage's folder
     upstream: dict[str, StageResult] = field(default_factory=dict)  # "NAME": this round, "prev.NAME": last
     history: dict[int, dict[str, StageResult]] = field(default_factory=dict)  # earlier rounds, all stages
+    outputs: dict[Artifact, str] = field(default_factory=dict)  # what the stage declares it writes
+
+    def output(self, kind: Artifact) -> Path:
+        """Where the stage writes its ``kind`` output (declared by its config class)."""
+        if kind not in self.outputs:
+            raise KeyError(f"this stage does not declare a {kind} output (declared: {list(map(str, self.outputs))})")
+        return Path(self.out_dir) / self.outputs[kind]
 
     @property
     def seed(self) -> int:
         return self.recipe.seed + 1000 * (self.round - 1)
 
-    def model_path(self, spec: ModelSpec) -> str:
-        """The first listed stage that has a model output, else ``spec.path``."""
+    def model_path(self, spec: ModelSpec, kinds: tuple[Artifact, ...] = MODELS) -> str:
+        """The model of the first listed stage that has run, else ``spec.path``."""
         for ref in as_refs(spec.from_stage):
             result = self.upstream.get(ref)
-            if result is not None and "model" in result.artifacts:
-                return result.artifacts["model"]
+            if result is not None:
+                return _pick(ref, result, kinds)
         if spec.path is not None:
             return spec.path
-        raise StageInputError(f"none of {as_refs(spec.from_stage)} has a model output in round {self.round}")
+        raise StageInputError(f"none of {as_refs(spec.from_stage)} has run by round {self.round}")
 
-    def data_paths(self, spec: DataSpec, artifact: str = "data") -> list[str]:
-        """Files of ``spec.paths`` and the ``artifact`` outputs of every listed stage (and, with
-        ``accumulate``, of the same stages in every earlier round), oldest first."""
+    def data_paths(self, spec: DataSpec, kinds: tuple[Artifact, ...]) -> list[str]:
+        """Files of ``spec.paths`` and the outputs of every listed stage (the first of ``kinds`` each has;
+        with ``accumulate``, also those of the same stages in every earlier round), oldest first."""
         out: list[str] = []
         for ref in as_refs(spec.from_stage):
             name = ref.removeprefix(PREV)
@@ -55,20 +75,26 @@ class StageContext:
                 last = self.round - (2 if ref.startswith(PREV) else 1)
                 for r in range(1, last + 1):
                     earlier = self.history.get(r, {}).get(name)
-                    if earlier is not None and artifact in earlier.artifacts:
-                        out.append(earlier.artifacts[artifact])
+                    if earlier is not None:
+                        out.append(_pick(ref, earlier, kinds))
             result = self.upstream.get(ref)
             if result is None:
                 if ref.startswith(PREV):
                     continue  # no earlier round ran it (round 1)
                 raise StageInputError(f"stage '{ref}' has not run")
-            if artifact not in result.artifacts:
-                raise StageInputError(f"stage '{ref}' has no '{artifact}' output")
-            out.append(result.artifacts[artifact])
+            out.append(_pick(ref, result, kinds))
         missing = [p for p in spec.paths if not Path(p).is_file()]
         if missing:
             raise StageInputError(f"data file(s) not found: {', '.join(missing)}")
         return list(dict.fromkeys(list(spec.paths) + out))
+
+
+def _pick(ref: str, result: StageResult, kinds: tuple[Artifact, ...]) -> str:
+    for kind in kinds:
+        if kind in result.artifacts:
+            return result.artifacts[kind]
+    has = ", ".join(map(str, result.artifacts)) or "nothing"
+    raise StageInputError(f"stage '{ref}' produced {has}; expected {' or '.join(map(str, kinds))}")
 
 
 def write_result(out_dir: Path, result: StageResult, fingerprint: str) -> None:
@@ -83,4 +109,7 @@ def read_result(out_dir: Path) -> tuple[str | None, StageResult | None]:
     if not path.exists():
         return None, None
     data = json.loads(path.read_text())
-    return data.get("fingerprint"), StageResult(data.get("artifacts", {}), data.get("metrics", {}))
+    try:
+        return data.get("fingerprint"), StageResult.from_json(data)
+    except ValueError:  # written by an older version with other artifact names: run the stage again
+        return None, None

@@ -70,15 +70,16 @@ def parse_args(argv=None):
 def prepare_data(args, path: Path) -> dict:
     """Write ``args.pairs`` chosen/rejected rows whose prompt leaves room for a response within max_length
     (both sides would drop the others)."""
+    from align.data.builtin import chat_preference_records
     from align.data.chat import build_byte_tokenizer
-    from align.data.preference import builtin_preferences, tokenize_response
+    from align.data.preference import tokenize_response
     from data_schemas import read_jsonl
 
     tok = build_byte_tokenizer()
     if args.data == "shared":
         records = read_jsonl(SHARED_PREFS, "preference")
     else:
-        records = builtin_preferences(4 * args.pairs, args.seed)
+        records = chat_preference_records(4 * args.pairs, args.seed)
     rows, prompt_tokens, response_tokens = [], 0, 0
     for r in records:
         p_ids, c_ids, _ = tokenize_response(tok, r.prompt, r.chosen)

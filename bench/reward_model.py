@@ -73,7 +73,7 @@ def parse_args(argv=None):
 def prepare(args, work: Path) -> tuple[dict, str]:
     """Write the ranked records (ours), the pairs (TRL) and the starting reward model checkpoint."""
     from align.config.specs import ModelSpec
-    from align.data.preference import builtin_preferences
+    from align.data.builtin import chat_preference_records
     from align.models.reward import load_reward_model, load_reward_tokenizer
     from data_schemas import read_jsonl
     from rewards.encoding import encode_prompt, encode_response
@@ -89,7 +89,7 @@ def prepare(args, work: Path) -> tuple[dict, str]:
     if args.data == "shared":
         source = list(read_jsonl(SHARED_RANKED, "preference"))
     else:
-        source = builtin_preferences(4 * need, args.seed)
+        source = chat_preference_records(4 * need, args.seed)
     records, tokens_ours, tokens_trl = [], 0, 0
     for r in source:
         encoded = encode_prompt(tok, r.prompt)

@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if not all(p.is_file() for p in paths):
         print(f"skipped: {SHARED} not found")
         return 0
-    from align.config import recipe_from_dict
+    from align.config.recipe import recipe_from_dict
     from align.runner import run_recipe
     from eval.reward_accuracy import ranking_accuracy
 

@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t0
     result = json.loads((work / "runs" / "world_sft_check" / "round_1" / "sft" / "result.json").read_text())
     # step 2: greedy decoding on held-out and training-split prompts, judged by the gold judges
-    generate = make_generate(result["artifacts"]["model"], args.batch_size)
+    generate = make_generate(result["artifacts"]["policy"], args.batch_size)
     held_out = eval_prompt_records(args.eval_prompts, args.seed)
     t1 = time.perf_counter()
     metrics = evaluate_policy(generate, held_out)

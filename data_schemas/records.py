@@ -175,10 +175,10 @@ class PromptRecord(_HasPrompt):
 
 
 class ScoredSample(_HasPrompt):
-    """A sampled response with its reward score(s), for rejection sampling."""
+    """A sampled response with its score (the reward that ranked it; null: not scored) and any others."""
 
     response: Message
-    score: float
+    score: float | None = None
     scores: dict[str, float] = Field(default_factory=dict)
     meta: dict[str, Any] = Field(default_factory=dict)
 

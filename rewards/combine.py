@@ -16,9 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from rewards.protocol import as_rewards
 from rewards.whitening import RewardStats, sigmoid, whiten
+
+if TYPE_CHECKING:
+    import torch
 
 LLAMA2_SAFETY_THRESHOLD = 0.15
 ThresholdScale = Literal["sigmoid", "raw", "whitened"]
@@ -79,7 +83,8 @@ class CombinedReward:
     """Score conversations with both models and combine them the Llama 2 way.
 
     ``helpful`` and ``safety`` are scorers (``rewards.scoring.RewardScorer`` or anything with
-    ``score(prompts, responses, batch_size) -> list[float]`` and a ``stats`` attribute).
+    ``score(prompts, responses, batch_size) -> list[float]`` and a ``stats`` attribute). Called, it is a
+    :class:`rewards.protocol.RewardFunction` (the ``reward`` of :meth:`score`).
     """
 
     def __init__(
@@ -91,15 +96,22 @@ class CombinedReward:
         threshold_scale: ThresholdScale = "sigmoid",
         whiten: bool = True,
         rule: Callable[[bool, float, float], bool] = llama2_uses_safety,
+        batch_size: int = 8,
     ):
-        self.helpful, self.safety = helpful, safety
+        self.helpful, self.safety, self.batch_size = helpful, safety, batch_size
         self.threshold, self.threshold_scale, self.rule = threshold, threshold_scale, rule
         self.whiten = whiten
         if whiten and (helpful.stats is None or safety.stats is None):
             raise ValueError("whiten=True needs reward_stats.json with both models (or pass whiten=False)")
 
-    def score(self, prompts, responses, is_safety: Sequence[bool] | None = None, batch_size: int = 8):
-        """-> :class:`CombinedScores`; ``is_safety[i]``: prompt i is tagged safety."""
+    def __call__(self, prompts, responses, is_safety: Sequence[bool] | None = None) -> torch.Tensor:
+        """(B,) float64: the combined reward of :meth:`score`."""
+        return as_rewards(self.score(prompts, responses, is_safety).reward)
+
+    def score(self, prompts, responses, is_safety: Sequence[bool] | None = None, batch_size: int | None = None):
+        """-> :class:`CombinedScores`; ``is_safety[i]``: prompt i is tagged safety; ``batch_size``: rows
+        per scoring batch (default: the one given at construction)."""
+        batch_size = batch_size or self.batch_size
         h = self.helpful.score(prompts, responses, batch_size=batch_size)
         s = self.safety.score(prompts, responses, batch_size=batch_size)
         raw, used = combine_scores(

@@ -8,16 +8,21 @@ with; its truncation settings come from ``reward_stats.json`` when the folder ha
     scorer = RewardScorer.from_pretrained("runs/x/round_1/rm_helpful/model")
     scores = scorer.score(prompts, responses, batch_size=16)   # raw (logit-scale) scores
     scorer.whiten(scores)                                      # (r - mean) / std, see rewards.whitening
+    ModelReward(scorer)(prompts, responses)                    # the same, whitened, as a RewardFunction
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rewards.encoding import encode_pair
+from rewards.protocol import as_rewards
 from rewards.whitening import RewardStats, whiten
+
+if TYPE_CHECKING:
+    import torch
 
 
 class RewardScorer:
@@ -98,3 +103,15 @@ class RewardScorer:
         if self.stats is None:
             raise ValueError("this reward model has no reward_stats.json; whitening needs its mean and std")
         return whiten(scores, self.stats)
+
+
+class ModelReward:
+    """One reward model as a :class:`rewards.protocol.RewardFunction`: its raw scores, whitened with the
+    model's saved statistics when ``whiten`` is set and the model has them (``reward_stats.json``)."""
+
+    def __init__(self, scorer: RewardScorer, *, whiten: bool = True, batch_size: int = 16):
+        self.scorer, self.whiten, self.batch_size = scorer, whiten, batch_size
+
+    def __call__(self, prompts, responses, is_safety=None) -> torch.Tensor:
+        raw = self.scorer.score(prompts, responses, batch_size=self.batch_size)
+        return as_rewards(self.scorer.whiten(raw) if self.whiten and self.scorer.stats is not None else raw)

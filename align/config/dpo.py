@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from align.config.base import Artifact, Consumes, StageBase
 from align.config.specs import DataSpec, ModelSpec, OptimConfig, TrainConfig
-from align.config.stages import StageBase
 
 
 def _dpo_train() -> TrainConfig:
@@ -19,13 +19,16 @@ class DPOStage(StageBase):
     chosen response, reference log-probs computed once and cached, prompt shared by the responses."""
 
     kind: Literal["dpo"] = "dpo"
-    model: ModelSpec = Field(..., description="the policy to train (a path, builtin:tiny, or from: an earlier stage)")
-    reference: ModelSpec | None = Field(
+    produces: ClassVar = {Artifact.POLICY: "model"}
+    runs_in: ClassVar = "align.train.dpo"
+
+    model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to train (a path, builtin:tiny, or from: an earlier stage)")
+    reference: Annotated[ModelSpec | None, Consumes(Artifact.POLICY)] = Field(
         None,
         description="the reference model (must share the policy's tokenizer); default: the policy's starting "
         "point (with LoRA: the base model with the adapter disabled, no second copy)",
     )
-    data: DataSpec = Field(
+    data: Annotated[DataSpec, Consumes(Artifact.PREFERENCES)] = Field(
         ...,
         description="preference records: JSONL files (ours or TRL's chosen/rejected), builtin 'chat', or "
         "from: an earlier stage's 'pairs' output",
@@ -51,9 +54,3 @@ class DPOStage(StageBase):
     metrics_records: int = Field(
         1024, ge=0, description="training records re-scored at the start and end for reward accuracy and margin"
     )
-
-    @model_validator(mode="after")
-    def _tokenizer_for_builtin(self):
-        if self.model.path == "builtin:tiny" and self.model.tokenizer not in (None, "builtin:bytes"):
-            raise ValueError("model.path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
-        return self

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
+from align.config.base import PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.sampling import GenerationBackend, SamplingParams
 from align.config.specs import DataSpec, ModelSpec
-from align.config.stages import StageBase
 
 
 class EvaluationStage(StageBase):
@@ -17,13 +17,16 @@ class EvaluationStage(StageBase):
     reward models' mean scores, and kl_to_reference."""
 
     kind: Literal["evaluate"] = "evaluate"
-    model: ModelSpec = Field(..., description="the policy to evaluate")
-    prompts: DataSpec = Field(
+    produces: ClassVar = {Artifact.SAMPLES: "answers.jsonl"}
+    runs_in: ClassVar = "align.stages.evaluation"
+
+    model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to evaluate")
+    prompts: Annotated[DataSpec, Consumes(*PROMPT_SOURCES)] = Field(
         default_factory=lambda: DataSpec(builtin="world_eval", builtin_size=600),
         description="held-out prompts (default: the built-in world's evaluation prompts)",
     )
-    reference: ModelSpec | None = Field(None, description="policy to measure KL against (null: no KL)")
-    reward_models: dict[str, ModelSpec] = Field(
+    reference: Annotated[ModelSpec | None, Consumes(Artifact.POLICY)] = Field(None, description="policy to measure KL against (null: no KL)")
+    reward_models: Annotated[dict[str, ModelSpec], Consumes(Artifact.REWARD_MODEL)] = Field(
         default_factory=dict, description="name -> reward model; reports the mean score as reward/<name>"
     )
     sampling: SamplingParams = Field(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from pathlib import Path
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from align.config.base import MODELS, Artifact, Consumes, StageBase
 from align.config.specs import Strict
-from align.config.stages import StageBase
 
 
 class CheckpointRef(Strict):
@@ -28,7 +30,9 @@ class ModelAverageStage(StageBase):
     stages trained with different data or hyperparameters). Works for causal LMs and reward models."""
 
     kind: Literal["model_average"] = "model_average"
-    models: list[CheckpointRef] = Field(..., min_length=2, description="the checkpoints to average; the "
+    runs_in: ClassVar = "align.stages.model_average"
+
+    models: Annotated[list[CheckpointRef], Consumes(*MODELS)] = Field(..., min_length=2, description="the checkpoints to average; the "
                                         "first one's config, tokenizer and dtypes are kept")
     weights: list[float] | None = Field(
         None, description="one weight per model, normalised to sum to 1 (default: equal weights)"
@@ -47,3 +51,25 @@ class ModelAverageStage(StageBase):
     def normalised_weights(self) -> list[float]:
         raw = self.weights or [1.0] * len(self.models)
         return [w / sum(raw) for w in raw]
+
+    def outputs(self, upstream):
+        """A policy or a reward model, whichever the first checkpoint is."""
+        first = self.models[0]
+        if first.from_stage is not None:
+            kinds = [k for k in MODELS if k in upstream.get(first.from_stage, ())]
+            kind = kinds[0] if kinds else Artifact.POLICY
+        else:
+            kind = checkpoint_kind(first.path)
+        return {kind: "model"}
+
+
+def checkpoint_kind(path: str) -> Artifact:
+    """A reward model if the folder's config names a sequence-classification architecture."""
+    config = Path(path) / "config.json"
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return Artifact.POLICY
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return Artifact.REWARD_MODEL
+    return Artifact.POLICY

@@ -5,20 +5,19 @@ Nothing here imports torch: a bad recipe fails in well under a second.
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 
-from align.config.specs import PREV, Strict
-from align.config.stages import STAGE_TYPES
+from align.config.checks import check_recipe, suggest
+from align.config.registry import STAGE_BY_KIND, STAGE_TYPES
+from align.config.specs import Strict
 
 Stage = Annotated[Union[STAGE_TYPES], Field(discriminator="kind")]  # noqa: UP007 (tuple unpacking)
-STAGE_BY_KIND = {cls.model_fields["kind"].default: cls for cls in STAGE_TYPES}
 
 
 class RecipeError(ValueError):
@@ -38,30 +37,6 @@ class Recipe(Strict):
     rounds: int = Field(1, gt=0, description="how many times the block of stages is repeated")
     stages: list[Stage] = Field(..., min_length=1, description="stages, run in order")
 
-    @model_validator(mode="after")
-    def _names_and_references(self):
-        seen: set[str] = set()
-        every = {s.name for s in self.stages}
-        for stage in self.stages:
-            if stage.name in seen:
-                raise ValueError(f"stage name '{stage.name}' is used twice")
-            bad = [r for r in stage.in_rounds or [] if not 1 <= r <= self.rounds]
-            if bad:
-                raise ValueError(f"stage '{stage.name}': in_rounds {bad} outside 1..{self.rounds}")
-            for ref in stage.references():
-                if ref.startswith(PREV):
-                    if ref[len(PREV):] not in every:
-                        hint = _suggest(ref[len(PREV):], every)
-                        raise ValueError(f"stage '{stage.name}' reads from '{ref}': no stage of that name{hint}")
-                    continue
-                if ref not in seen:
-                    hint = _suggest(ref, seen)
-                    raise ValueError(
-                        f"stage '{stage.name}' reads from '{ref}', which is not an earlier stage{hint}"
-                    )
-            seen.add(stage.name)
-        return self
-
     def stage(self, name: str):
         for s in self.stages:
             if s.name == name:
@@ -71,11 +46,6 @@ class Recipe(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
-
-
-def _suggest(word: str, options) -> str:
-    close = difflib.get_close_matches(str(word), [str(o) for o in options], n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 def _parse_value(text: str) -> Any:
@@ -103,7 +73,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             target, fields = data, None
         else:
             options = list(stages) + list(Recipe.model_fields)
-            problems.append(f"override '{key}': no stage named '{parts[0]}'{_suggest(parts[0], options)}")
+            problems.append(f"override '{key}': no stage named '{parts[0]}'{suggest(parts[0], options)}")
             continue
         for p in parts[:-1]:
             field = (fields or {}).get(p)
@@ -182,7 +152,7 @@ def format_validation_error(err: ValidationError, data: dict) -> list[str]:
         where, keys = _describe(tuple(e["loc"]), data)
         if e["type"] == "extra_forbidden":
             bad = str(e["loc"][-1])
-            lines.append(f"{where}: unknown key{_suggest(bad, keys)}")
+            lines.append(f"{where}: unknown key{suggest(bad, keys)}")
         elif e["type"] == "union_tag_invalid":
             kinds = ", ".join(STAGE_BY_KIND)
             lines.append(f"{where}: unknown stage kind {e['input'].get('kind')!r}; known kinds: {kinds}")
@@ -211,9 +181,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
     data = apply_overrides(data, overrides or [])
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(source, format_validation_error(err, data)) from None
+    problems = check_recipe(recipe.stages, recipe.rounds)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
+from align.config.base import PROMPT_SOURCES, Artifact, Consumes, StageBase
+from align.config.reward import RewardSpec
 from align.config.sampling import GenerationBackend, SamplingParams
-from align.config.specs import DataSpec, ModelSpec, Strict
-from align.config.stages import StageBase
-
-
-class RewardSpec(Strict):
-    """What scores the samples: one reward model, the Llama 2 Helpfulness + Safety combination, or a
-    programmatic reward function (``gold``: the built-in world's judge, for controlled experiments)."""
-
-    model: ModelSpec | None = Field(None, description="one reward model (a reward_model stage or a path)")
-    helpful: ModelSpec | None = Field(None, description="the Helpfulness reward model (with 'safety')")
-    safety: ModelSpec | None = Field(None, description="the Safety reward model (with 'helpful')")
-    safety_threshold: float = Field(0.15, description="Llama 2: use the safety score when it is below this")
-    threshold_scale: Literal["sigmoid", "raw"] = Field(
-        "sigmoid", description="compare sigmoid(safety score) (Llama 2) or the raw score with the threshold"
-    )
-    whiten: bool = Field(True, description="whiten scores with each model's saved statistics")
-    function: Literal["gold"] | None = Field(None, description="a programmatic reward instead of models")
-    batch_size: int = Field(16, gt=0, description="(prompt, response) rows per scoring batch")
-
-    @model_validator(mode="after")
-    def _one_kind(self):
-        kinds = [self.model is not None, self.helpful is not None or self.safety is not None,
-                 self.function is not None]
-        if sum(kinds) != 1:
-            raise ValueError("give exactly one of 'model', 'helpful' + 'safety', and 'function'")
-        if (self.helpful is None) != (self.safety is None):
-            raise ValueError("'helpful' and 'safety' go together")
-        return self
+from align.config.specs import DataSpec, ModelSpec
 
 
 class RejectionSamplingStage(StageBase):
@@ -42,8 +17,12 @@ class RejectionSamplingStage(StageBase):
     (best, worst) as preference pairs. Samples are stored as they are made: a killed run resumes."""
 
     kind: Literal["rejection_sampling"] = "rejection_sampling"
-    model: ModelSpec = Field(..., description="the policy to sample from")
-    prompts: DataSpec = Field(..., description="prompt records (any of our files, or builtin: world)")
+    produces: ClassVar = {Artifact.SFT_RECORDS: "sft.jsonl", Artifact.PREFERENCES: "pairs.jsonl",
+                          Artifact.SAMPLES: "samples.jsonl"}
+    runs_in: ClassVar = "align.stages.rejection_sampling"
+
+    model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to sample from")
+    prompts: Annotated[DataSpec, Consumes(*PROMPT_SOURCES)] = Field(..., description="prompt records (any of our files, or builtin: world)")
     reward: RewardSpec = Field(..., description="how samples are scored")
     k: int = Field(8, gt=0, description="samples per prompt (Llama 2/3 use 10 to 30)")
     sampling: SamplingParams = Field(
@@ -60,3 +39,9 @@ class RejectionSamplingStage(StageBase):
     report_gold: bool = Field(
         False, description="also report the built-in world's gold score of the best and of all samples"
     )
+
+    def outputs(self, upstream):
+        out = dict(self.produces)
+        if not self.write_pairs:
+            del out[Artifact.PREFERENCES]
+        return out

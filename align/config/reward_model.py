@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from align.config.base import MODELS, Artifact, Consumes, StageBase
 from align.config.specs import DataSpec, ModelSpec, OptimConfig, TrainConfig
-from align.config.stages import StageBase
 from data_schemas import STRENGTHS, Strength
 
 
@@ -21,11 +21,14 @@ class RewardModelStage(StageBase):
     HF sequence-classification checkpoint (num_labels=1) with reward_stats.json for whitening."""
 
     kind: Literal["reward_model"] = "reward_model"
-    model: ModelSpec = Field(
+    produces: ClassVar = {Artifact.REWARD_MODEL: "model"}
+    runs_in: ClassVar = "align.train.reward_model"
+
+    model: Annotated[ModelSpec, Consumes(*MODELS)] = Field(
         ..., description="backbone: any causal LM (path, hub id, builtin:tiny, or from: an earlier stage) or a "
         "reward model to keep training; a new scalar head is added to a causal LM"
     )
-    data: DataSpec = Field(
+    data: Annotated[DataSpec, Consumes(Artifact.PREFERENCES)] = Field(
         ..., description="preference records, best response first (our schema, TRL's chosen/rejected, or "
         "ranked 'responses'); eval_fraction holds out that share of the prompts (with all their records) for "
         "the accuracy metrics"
@@ -67,8 +70,6 @@ class RewardModelStage(StageBase):
 
     @model_validator(mode="after")
     def _checks(self):
-        if self.model.path == "builtin:tiny" and self.model.tokenizer not in (None, "builtin:bytes"):
-            raise ValueError("model.path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
         if isinstance(self.margin, dict):
             unknown = sorted(set(self.margin) - set(STRENGTHS))
             if unknown:

@@ -81,6 +81,8 @@ class ModelSpec(Strict):
         refs = as_refs(self.from_stage)
         if self.path is None and not refs:
             raise ValueError("give 'path' or 'from'")
+        if self.path == "builtin:tiny" and self.tokenizer not in (None, "builtin:bytes"):
+            raise ValueError("path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
         if self.path is not None and refs and not _only_previous_round(refs):
             raise ValueError("give exactly one of 'path' and 'from' (a path may only back up 'prev.' references)")
         if _only_previous_round(refs) and self.path is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from functools import partial
 
-from data_schemas import Message, SFTRecord
+from data_schemas import Message, PreferenceRecord, SFTRecord
 from eval.world import eval_prompt_records, preference_records, prompt_records, sft_records
 
 _WORDS = (
@@ -60,8 +60,27 @@ def world_preference_records(n: int, seed: int = 0):
     return preference_records(n - n // 2, seed, "helpfulness") + preference_records(n // 2, seed, "safety")
 
 
+def chat_preference_records(n: int, seed: int = 0) -> list[PreferenceRecord]:
+    """``builtin: chat`` preferences: a built-in chat task with 3 ranked answers: the right one, an
+    abstention, and the (wrong) answer to another task."""
+    chats = chat_records(n + 1, seed)
+    out = []
+    for i in range(n):
+        user, right = chats[i].messages[0], chats[i].messages[1].content
+        wrong = chats[i + 1].messages[1].content
+        if wrong == right:
+            wrong = wrong + " Or maybe not."
+        answers = [right, "I am not sure.", wrong]
+        out.append(PreferenceRecord(
+            prompt=[user], responses=[Message(role="assistant", content=a) for a in answers],
+            source="builtin:chat", meta={"index": i},
+        ))
+    return out
+
+
 BUILTIN_SFT = {"chat": chat_records, "world": sft_records}
 BUILTIN_PREFERENCE = {  # name -> fn(n, seed) -> list[PreferenceRecord]
+    "chat": chat_preference_records,
     "world": world_preference_records,
     "world_helpful": partial(preference_records, domain="helpfulness"),
     "world_safety": partial(preference_records, domain="safety"),

@@ -22,11 +22,11 @@ from typing import Literal
 import torch
 
 from align.config.specs import DataSpec
-from align.data.builtin import chat_records
+from align.data.builtin import BUILTIN_PREFERENCE
 from align.data.chat import ChatFormatError, assistant_char_spans
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import builtin_records, read_records, split
-from data_schemas import Message, PreferenceRecord
+from align.data.sources import builtin_records, read_records, split_by_prompt
+from data_schemas import PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
 
@@ -46,36 +46,16 @@ class PreferenceData:
     id_fallbacks: int = 0  # responses whose content span was not found (id-only masking)
 
 
-def builtin_preferences(n: int, seed: int = 0) -> list[PreferenceRecord]:
-    """``builtin: chat`` preferences: a built-in chat task with 3 ranked answers: the right one, an
-    abstention, and the (wrong) answer to another task."""
-    chats = chat_records(n + 1, seed)
-    out = []
-    for i in range(n):
-        user, right = chats[i].messages[0], chats[i].messages[1].content
-        wrong = chats[i + 1].messages[1].content
-        if wrong == right:
-            wrong = wrong + " Or maybe not."
-        answers = [right, "I am not sure.", wrong]
-        out.append(PreferenceRecord(
-            prompt=[user], responses=[Message(role="assistant", content=a) for a in answers],
-            source="builtin:chat", meta={"index": i},
-        ))
-    return out
-
-
 def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
     """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or a built-in set
     (``chat``, or the world's ``world``, ``world_helpful``, ``world_safety``)."""
     if spec.builtin is not None:
-        from align.data.builtin import BUILTIN_PREFERENCE
-
-        records = builtin_records({"chat": builtin_preferences, **BUILTIN_PREFERENCE}, spec, seed, "preference")
+        records = builtin_records(BUILTIN_PREFERENCE, spec, seed, "preference")
     else:
         records = read_records(list(paths), "preference", spec.skip_bad_rows)
     if spec.limit is not None:
         records = records[: spec.limit]
-    return split(records, spec.eval_fraction, seed)
+    return split_by_prompt(records, spec.eval_fraction, seed)
 
 
 def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[tuple[int, int]]]:

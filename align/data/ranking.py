@@ -4,7 +4,7 @@ shared-prompt row per record (the prompt once, then every ranked response; see `
 Token ids follow ``rewards.encoding`` (the rule ``rewards.scoring.RewardScorer`` scores with), so a
 response's ids in its packed row are exactly those of a row of its own.
 
-The held-out split is by prompt (:func:`split_by_prompt`).
+The held-out split is by prompt (:func:`align.data.sources.split_by_prompt`).
 
 Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metrics cover every level):
 
@@ -17,26 +17,17 @@ Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metr
 from __future__ import annotations
 
 import difflib
-import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from align.data.shared_prompt import SharedPromptBatch, SharedPromptRow, build_row, collate_shared
+from align.losses.reward import MARGIN_TABLES
 from data_schemas import STRENGTHS, DataError, PreferenceRecord
 from rewards.encoding import encode_prompt, encode_response, truncate
 
 MarginSpec = str | dict[str, float]  # a MARGIN_TABLES name, "column", or strength -> margin
-
-# Llama 2 (sec. 3.2.2, table 28): margin by preference strength; Llama 3 drops it ("none").
-MARGIN_TABLES: dict[str, dict[str, float]] = {
-    "none": {},
-    "llama2_small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3,
-                     "negligibly_better": 0.0},
-    "llama2_large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0,
-                     "negligibly_better": 0.0},
-}
 
 
 def select_domain(
@@ -50,20 +41,6 @@ def select_domain(
         if domain is None or r.domain == domain:
             out.append(r)
     return out
-
-
-def split_by_prompt(records: Sequence[PreferenceRecord], eval_fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out ``eval_fraction`` of the distinct prompts (by first user message, case and whitespace
-    folded), with all their records: one prompt often carries several pairs that share responses, and a
-    record-level split would score held-out pairs whose prompt and responses were trained on."""
-    if eval_fraction <= 0:
-        return list(records), []
-    keys = [" ".join(next(m.content for m in r.prompt if m.role == "user").lower().split()) for r in records]
-    distinct = sorted(set(keys))
-    random.Random(seed).shuffle(distinct)
-    held = set(distinct[: max(1, int(round(eval_fraction * len(distinct))))])
-    train = [r for r, k in zip(records, keys, strict=True) if k not in held]
-    return train, [r for r, k in zip(records, keys, strict=True) if k in held]
 
 
 def similarity(a: str, b: str) -> float:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from align.config.specs import DataSpec
 from align.data.builtin import BUILTIN_PROMPTS, BUILTIN_SFT
-from data_schemas import Message, SFTRecord, read_jsonl
+from data_schemas import SFTRecord, read_jsonl
 
 
 def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
@@ -37,7 +38,7 @@ def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | N
         records = records[: spec.limit]
     if system_prompt:
         records = [_with_system(r, system_prompt) for r in records]
-    return split(records, spec.eval_fraction, seed)
+    return split_by_prompt(records, spec.eval_fraction, seed)
 
 
 def _with_system(record: SFTRecord, system_prompt: str) -> SFTRecord:
@@ -46,19 +47,24 @@ def _with_system(record: SFTRecord, system_prompt: str) -> SFTRecord:
     return record.model_copy(update={"system": system_prompt})
 
 
-def split(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+def prompt_key(record) -> str:
+    """The first user message, case and whitespace folded: records that share it share a prompt."""
+    messages = record.prompt if hasattr(record, "prompt") else record.messages
+    return " ".join(next((m.content for m in messages if m.role == "user"), "").lower().split())
+
+
+def split_by_prompt(records: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``eval_fraction`` of the distinct prompts (:func:`prompt_key`) with all their records, so
+    no prompt is in both splits: one prompt often carries several records that share responses, and a
+    record-level split would score held-out records whose prompt (and answers) were trained on."""
     if eval_fraction <= 0:
         return list(records), []
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(eval_fraction * len(records))))
-    held = set(order[:n_eval])
-    train = [r for i, r in enumerate(records) if i not in held]
-    return train, [r for i, r in enumerate(records) if i in held]
-
-
-def conversation(record: SFTRecord) -> list[Message]:
-    return record.conversation()
+    keys = [prompt_key(r) for r in records]
+    distinct = sorted(set(keys))
+    random.Random(seed).shuffle(distinct)
+    held = set(distinct[: max(1, int(round(eval_fraction * len(distinct))))])
+    train = [r for r, k in zip(records, keys, strict=True) if k not in held]
+    return train, [r for r, k in zip(records, keys, strict=True) if k in held]
 
 
 def load_prompts(spec: DataSpec, paths: list[str], seed: int):

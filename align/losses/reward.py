@@ -7,10 +7,9 @@ For one prompt with responses ranked ``y_1 > y_2 > ... > y_N`` and scalar scores
 over the ordered pairs ``P = {(i, j) : i < j}`` (N(N-1)/2 of them), so every prompt weighs the same
 whatever its number of responses; the batch loss is the mean (or sum) over prompts.
 
-Margin ``m_ij``: a record carries one margin ``m`` (from its strength via a table, see
-``align.data.ranking.MARGIN_TABLES``, or given). A
-strength label compares the record's preferred responses with its *rejected* one (the last), so ``m``
-applies to every pair whose worse response is the last one: for pairwise data that is the one pair; for
+Margin ``m_ij``: a record carries one margin ``m`` (from its strength via a table of
+:data:`MARGIN_TABLES`, or given; ``align.data.ranking.record_margin`` looks it up). A strength label
+compares the record's preferred responses with its *rejected* one (the last), so ``m`` applies to every pair whose worse response is the last one: for pairwise data that is the one pair; for
 Llama 3's edited > chosen > rejected, (edited, rejected) and (chosen, rejected) get ``m`` (by transitivity
 the edit beats the rejected response at least as clearly) and (edited, chosen), whose gap no label
 measures, gets 0.
@@ -27,6 +26,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+# Llama 2 (sec. 3.2.2, table 28): margin by preference strength; Llama 3 drops it ("none").
+MARGIN_TABLES: dict[str, dict[str, float]] = {
+    "none": {},
+    "llama2_small": {"significantly_better": 1.0, "better": 2 / 3, "slightly_better": 1 / 3,
+                     "negligibly_better": 0.0},
+    "llama2_large": {"significantly_better": 3.0, "better": 2.0, "slightly_better": 1.0,
+                     "negligibly_better": 0.0},
+}
 
 
 def ranked_pairs(responses_per_prompt: Sequence[int]) -> tuple[torch.Tensor, ...]:

@@ -1,8 +1,8 @@
 """Evaluation: generate on held-out prompts and report gold metrics, reward-model scores and KL.
 
-``kl_to_reference`` is the per-token KL(policy || reference) over the full next-token distributions,
-summed over each response's tokens and averaged over prompts, along the policy's own (evaluation)
-responses: deterministic for greedy decoding and never negative, unlike a sampled log-ratio estimate.
+``kl_to_reference`` (:func:`align.models.kl.kl_to_reference`) is the per-token KL(policy || reference) over
+the full next-token distributions, summed over each response's tokens and averaged over prompts, along the
+policy's own (evaluation) responses: deterministic for greedy decoding and never negative.
 """
 
 from __future__ import annotations
@@ -12,15 +12,16 @@ from pathlib import Path
 
 import torch
 
+from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.evaluation import EvaluationStage
 from align.config.sampling import SamplingParams
 from align.config.specs import DataSpec, ModelSpec
-from align.data.chat import tokenize_prompt
 from align.data.sources import load_prompts
 from align.generation import make_generator
+from align.models.kl import kl_to_reference
 from align.models.loading import load_causal_lm, load_tokenizer
 from align.runtime import StageContext, StageResult
-from data_schemas import PromptRecord, write_jsonl
+from data_schemas import Message, PromptRecord, ScoredSample, write_jsonl
 
 
 def _load(spec: ModelSpec, path: str, seed: int):
@@ -29,40 +30,6 @@ def _load(spec: ModelSpec, path: str, seed: int):
                            path, tokenizer, seed=seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return model.to(device).eval(), tokenizer
-
-
-@torch.no_grad()
-def _response_logits(model, tokenizer, prompts, responses, batch_size: int = 16):
-    """Per prompt: (n_response_tokens, V) float32 log-softmax over the response positions (incl. eot)."""
-    from align.data.chat import termination_token_id
-
-    eot = termination_token_id(tokenizer)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        rows, spans = [], []
-        for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True):
-            prompt_ids = tokenize_prompt(tokenizer, p)
-            resp_ids = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eot]
-            rows.append(prompt_ids + resp_ids)
-            spans.append((len(prompt_ids), len(resp_ids)))
-        width = max(len(x) for x in rows)
-        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, x in enumerate(rows):
-            ids[i, : len(x)] = torch.tensor(x)
-            mask[i, : len(x)] = 1
-        device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-        for i, (p_len, r_len) in enumerate(spans):
-            out.append(logits[i, p_len - 1 : p_len - 1 + r_len].log_softmax(-1).cpu())
-    return out
-
-
-def kl_to_reference(policy, reference, tokenizer, prompts, responses) -> float:
-    pol = _response_logits(policy, tokenizer, prompts, responses)
-    ref = _response_logits(reference, tokenizer, prompts, responses)
-    per_prompt = [float((p.exp() * (p - r)).sum()) for p, r in zip(pol, ref, strict=True)]
-    return sum(per_prompt) / max(len(per_prompt), 1)
 
 
 def _is_world(prompts) -> bool:
@@ -116,7 +83,7 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
 def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
     """1. prompts  2. generate, judge, KL, reward scores (see ``evaluate``)  3. write answers + metrics."""
     # step 1
-    prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, "prompts"), seed=0)
+    prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, PROMPT_SOURCES), seed=0)
     # step 2
     reference = ctx.model_path(stage.reference) if stage.reference is not None else None
     metrics, responses = evaluate(
@@ -126,11 +93,18 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
         sampling=stage.sampling, backend=stage.backend, gold=stage.gold, seed=ctx.seed,
     )
     # step 3
-    out = Path(ctx.out_dir)
-    write_jsonl(out / "answers.jsonl", [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
-                                         for p, r in zip(prompts, responses, strict=True)])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    return StageResult(artifacts={"answers": str(out / "answers.jsonl")}, metrics=metrics)
+    write_jsonl(ctx.output(Artifact.SAMPLES), answers(prompts, responses, gold="gold_helpfulness" in metrics))
+    (Path(ctx.out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return StageResult(metrics=metrics)
+
+
+def answers(prompts: list[PromptRecord], responses: list[str], gold: bool) -> list[ScoredSample]:
+    """The answers as scored samples; ``score`` is the gold judge's when the prompts are world prompts."""
+    from rewards.gold import judge
+
+    return [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=r),
+                         score=judge(p.prompt, r).score if gold else None)
+            for p, r in zip(prompts, responses, strict=True)]
 
 
 def add_command(subparsers) -> None:
@@ -163,8 +137,7 @@ def _cmd_policy(args) -> int:
     metrics, responses = evaluate(args.model, prompts, reference_path=args.reference, reward_models=rms,
                                   sampling=sampling)
     if args.out:
-        write_jsonl(args.out, [{"prompt": [m.model_dump() for m in p.prompt], "response": r}
-                               for p, r in zip(prompts, responses, strict=True)])
+        write_jsonl(args.out, answers(prompts, responses, gold="gold_helpfulness" in metrics))
     for k, v in metrics.items():
         print(f"{k:>28}: {v:.4f}")
     print(json.dumps(metrics))

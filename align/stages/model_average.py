@@ -145,10 +145,11 @@ def run(stage: ModelAverageStage, ctx: StageContext) -> StageResult:
     paths = [ctx.model_path(ref) for ref in stage.models]
     weights = stage.normalised_weights()
     # step 2
-    model_dir = Path(ctx.out_dir) / "model"
+    (kind,) = ctx.outputs
+    model_dir = ctx.output(kind)
     metrics = average_checkpoints(paths, weights, model_dir)
     # step 3
     print(f"[{stage.name}] averaged {len(paths)} checkpoints (weights {[round(w, 4) for w in weights]}): "
           f"{int(metrics['parameters']) / 1e6:.2f}M parameters, RMS distance to the average "
           f"{metrics['rms_distance_to_average']:.3g}")
-    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+    return StageResult(metrics=metrics)

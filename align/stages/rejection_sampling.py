@@ -16,12 +16,14 @@ import json
 import time
 from pathlib import Path
 
-from align.config.rejection_sampling import RejectionSamplingStage, RewardSpec
+from align.config.base import PROMPT_SOURCES, Artifact
+from align.config.rejection_sampling import RejectionSamplingStage
 from align.data.sources import load_prompts
 from align.generation import make_generator
 from align.models.loading import load_causal_lm, load_tokenizer
+from align.models.reward_fn import build_reward
 from align.runtime import StageContext, StageResult
-from data_schemas import Message, PreferenceRecord, SFTRecord, write_jsonl
+from data_schemas import Message, PreferenceRecord, ScoredSample, SFTRecord, read_jsonl, write_jsonl
 
 
 def _prompt_key(messages) -> str:
@@ -79,43 +81,15 @@ def generate_missing(stage: RejectionSamplingStage, ctx: StageContext, prompts, 
     return made
 
 
-def make_reward(spec: RewardSpec, ctx: StageContext):
-    """-> score(prompt_records, responses) -> list[float]"""
-    if spec.function == "gold":
-        from rewards.gold import judge
-
-        return lambda records, texts: [judge(r.prompt, t).score for r, t in zip(records, texts, strict=True)]
-    from rewards.scoring import RewardScorer
-
-    if spec.model is not None:
-        scorer = RewardScorer.from_pretrained(ctx.model_path(spec.model))
-
-        def single(records, texts):
-            raw = scorer.score([r.prompt for r in records], texts, batch_size=spec.batch_size)
-            return list(scorer.whiten(raw)) if spec.whiten and scorer.stats is not None else raw
-
-        return single
-    from rewards.combine import CombinedReward
-
-    combined = CombinedReward(
-        RewardScorer.from_pretrained(ctx.model_path(spec.helpful)),
-        RewardScorer.from_pretrained(ctx.model_path(spec.safety)),
-        threshold=spec.safety_threshold, threshold_scale=spec.threshold_scale, whiten=spec.whiten,
-    )
-    return lambda records, texts: combined.score(
-        [r.prompt for r in records], texts, [r.is_safety for r in records], batch_size=spec.batch_size
-    ).reward
-
-
 def _previous_pools(stage: RejectionSamplingStage, ctx: StageContext) -> dict[str, list[str]]:
+    """Prompt key -> the samples of the same stage in every earlier round, oldest first."""
     pools: dict[str, list[str]] = {}
     for r in sorted(ctx.history):
         result = ctx.history[r].get(stage.name)
-        if result is None or "samples" not in result.artifacts:
+        if result is None or Artifact.SAMPLES not in result.artifacts:
             continue
-        for line in Path(result.artifacts["samples"]).read_text().splitlines():
-            row = json.loads(line)
-            pools.setdefault(row["key"], []).extend(row["texts"])
+        for sample in read_jsonl(result.artifacts[Artifact.SAMPLES], "scored"):
+            pools.setdefault(_prompt_key(sample.prompt), []).append(sample.response.content)
     return pools
 
 
@@ -126,7 +100,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
 
     accelerator = Accelerator(cpu=not _cuda())
     # step 1
-    prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, "prompts"), ctx.seed)
+    prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, PROMPT_SOURCES), ctx.seed)
     if not prompts:
         raise ValueError(f"stage '{stage.name}': no prompts")
     # step 2
@@ -148,8 +122,9 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
                   for i, p in enumerate(prompts)]
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
     flat_texts = [t for c in candidates for t in c]
-    score = make_reward(stage.reward, ctx)
-    flat_scores = score(flat_records, flat_texts) if flat_texts else []
+    reward = build_reward(stage.reward, ctx.model_path)
+    flat_scores = reward([r.prompt for r in flat_records], flat_texts,
+                         [r.is_safety for r in flat_records]).tolist() if flat_texts else []
     # step 4
     sft, pairs, samples_rows, best_scores, mean_scores, first_scores = [], [], [], [], [], []
     pos = 0
@@ -158,7 +133,9 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     for p, cands in zip(prompts, candidates, strict=True):
         scores = flat_scores[pos : pos + len(cands)]
         pos += len(cands)
-        samples_rows.append({"key": _prompt_key(p.prompt), "texts": cands, "scores": scores})
+        samples_rows += [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=t), score=s,
+                                      meta={"round": ctx.round, "stage": stage.name})
+                         for t, s in zip(cands, scores, strict=True)]
         if not cands:
             continue
         best = max(range(len(cands)), key=lambda j: scores[j])
@@ -176,10 +153,10 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
                 meta={**provenance, "scores": [scores[best], scores[worst]]},
             ))
     # step 5
-    out = Path(ctx.out_dir)
-    write_jsonl(out / "sft.jsonl", sft)
-    write_jsonl(out / "pairs.jsonl", pairs)
-    write_jsonl(out / "samples.jsonl", samples_rows)
+    write_jsonl(ctx.output(Artifact.SFT_RECORDS), sft)
+    if stage.write_pairs:
+        write_jsonl(ctx.output(Artifact.PREFERENCES), pairs)
+    write_jsonl(ctx.output(Artifact.SAMPLES), samples_rows)
     n_samples = sum(len(t) for t in texts)
     metrics = {
         "prompts": len(prompts), "samples": n_samples, "kept": len(sft), "pairs": len(pairs),
@@ -192,11 +169,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
     if stage.report_gold:
         metrics.update(_gold_metrics(prompts, texts, sft))
-    return StageResult(
-        artifacts={"data": str(out / "sft.jsonl"), "pairs": str(out / "pairs.jsonl"),
-                   "samples": str(out / "samples.jsonl")},
-        metrics=metrics,
-    )
+    return StageResult(metrics=metrics)
 
 
 def _gold_metrics(prompts, texts, sft) -> dict:

@@ -11,10 +11,9 @@ are computed with the policy before its first step, i.e. 0 when the reference is
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from align.config.base import Artifact
 from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
 from align.data.collate import epoch_order, group_by_count
@@ -79,7 +78,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     # step 2
     lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
     # step 3
-    train_records, eval_records = load_preferences(stage.data, ctx.data_paths(stage.data, "pairs"), ctx.seed)
+    train_records, eval_records = load_preferences(stage.data, ctx.data_paths(stage.data, (Artifact.PREFERENCES,)), ctx.seed)
     formatting = _formatting_ids(tokenizer, stage.formatting_tokens)
     train_data = tokenize_preferences(tokenizer, train_records, formatting, cfg.max_length, stage.pairs)
     eval_data = tokenize_preferences(tokenizer, eval_records, formatting, cfg.max_length, stage.pairs)
@@ -151,13 +150,13 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     metrics.update({f"{k}_start": start[k] for k in headline})
     metrics.update({k: end[k] for k in headline})
     # step 9
-    model_dir = Path(ctx.out_dir) / "model"
+    model_dir = ctx.output(Artifact.POLICY)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
     accelerator.wait_for_everyone()
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+    return StageResult(metrics=metrics)
 
 
 _HEADLINE = ("_reward_accuracy", "_reward_margin", "_dpo", "_nll")

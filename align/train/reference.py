@@ -1,11 +1,11 @@
 """Reference log-probs for DPO: computed once before training, cached on disk, keyed by what made them.
 
-The cache lives in ``<run_dir>/ref_cache/<key>.pt`` (outside the stage folder, which the runner clears when
-the stage's config changes). The key hashes:
+The cache (:mod:`align.models.reference_cache`) lives in ``<run_dir>/ref_cache/<key>.pt`` (outside the stage
+folder, which the runner clears when the stage's config changes). The key hashes:
 
-- the reference model: its weight and config files' content for a local folder; the size config and seed
-  for ``builtin:tiny``; the id for a hub model (pin a revision by downloading it to a folder); plus dtype,
-  attention implementation and the autocast precision;
+- the reference model (:func:`~align.models.reference_cache.model_identity`): its weight and config files'
+  content for a local folder; the size config and seed for ``builtin:tiny``; the id for a hub model (pin a
+  revision by downloading it to a folder); plus dtype, attention implementation and the autocast precision;
 - the tokenized data: every prompt and response id and the DPO mask, so the data, the tokenizer, the
   truncation length, the pairs mode and the formatting-token setting are all in it.
 
@@ -18,51 +18,32 @@ others wait and read it (simple; it leaves the other processes idle for that pas
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
-import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from align.config.dpo import DPOStage
-from align.config.specs import ModelSpec
 from align.data.collate import group_by_count
 from align.data.preference import PreferenceExample, collate_pairs, examples_digest
 from align.losses.dpo import response_sums
-from align.models.loading import BUILTIN_MODEL, is_peft, load_causal_lm
+from align.models.loading import is_peft, load_causal_lm
 from align.models.logps import TokenLogps
+from align.models.reference_cache import KeyPart, load_or_compute, model_identity
 from align.runtime import StageContext
 
 CACHE_VERSION = "dpo-ref-1"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
-def model_identity(spec: ModelSpec, path: str, seed: int) -> str:
-    """A string that changes whenever the model's weights (or how they are computed with) change."""
-    h = hashlib.sha256()
-    h.update(f"dtype={spec.dtype};attn={spec.attn_implementation}".encode())
-    if path == BUILTIN_MODEL:
-        h.update(f"builtin;{spec.tiny.model_dump_json()};seed={seed}".encode())
-    elif Path(path).is_dir():
-        files = sorted(p for p in Path(path).iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name == "config.json")
-        for p in files:
-            h.update(p.name.encode())
-            with p.open("rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 24), b""):
-                    h.update(chunk)
-    else:
-        h.update(f"hub:{path}".encode())
-    return h.hexdigest()
-
-
-def cache_key(model_id: str, mixed_precision: str, splits: Sequence[Sequence[PreferenceExample]]) -> str:
-    h = hashlib.sha256(f"{CACHE_VERSION};{model_id};amp={mixed_precision}".encode())
+def key_parts(model_id: str, mixed_precision: str, splits: Sequence[Sequence[PreferenceExample]]) -> list[KeyPart]:
+    """What the cache key hashes: the version, the reference model's identity, the autocast precision
+    and every split's tokenized examples."""
+    parts: list[KeyPart] = [f"{CACHE_VERSION};{model_id};amp={mixed_precision}"]
     for examples in splits:
-        h.update(f"split:{len(examples)}".encode())
-        examples_digest(examples, h)
-    return h.hexdigest()[:24]
+        parts += [f"split:{len(examples)}", functools.partial(examples_digest, examples)]
+    return parts
 
 
 @torch.no_grad()
@@ -94,18 +75,16 @@ def reference_logps(stage: DPOStage, ctx: StageContext, lm, tokenizer, splits, a
     "ref_forward_passes": n}``. Loads from the cache when the key matches, else computes and saves."""
     spec = stage.reference or stage.model
     path = ctx.model_path(spec)
-    key = cache_key(model_identity(spec, path, ctx.seed), stage.train.mixed_precision, splits)
-    cache = Path(ctx.recipe.run_dir) / "ref_cache" / f"{key}.pt"
-    hit, passes = cache.exists(), 0
-    if accelerator.is_main_process and not hit:
+    parts = key_parts(model_identity(spec, path, ctx.seed), stage.train.mixed_precision, splits)
+    passes = 0
+
+    def compute():
+        nonlocal passes
         values, passes = _compute(stage, spec, path, ctx.seed, lm, tokenizer, splits, accelerator)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save({"key": key, "values": values}, tmp)
-        tmp.replace(cache)  # atomic: the file exists only when complete
-        (cache.parent / f"{key}.json").write_text(json.dumps({"stage": stage.name, "model": path}))
-    accelerator.wait_for_everyone()
-    values = torch.load(cache, weights_only=True)["values"]
+        return values
+
+    values, hit = load_or_compute(Path(ctx.recipe.run_dir) / "ref_cache", parts, compute,
+                                  accelerator=accelerator, meta={"stage": stage.name, "model": path})
     return values, {"ref_cache_hit": float(hit), "ref_forward_passes": float(passes)}
 
 

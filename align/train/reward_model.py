@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from align.config.base import Artifact
 from align.config.reward_model import RewardModelStage
 from align.data.collate import epoch_order, group_by_count
 from align.data.preference import load_preferences
-from align.data.ranking import apply_hygiene, collate_ranked, select_domain, split_by_prompt, tokenize_ranked
+from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked
+from align.data.sources import split_by_prompt
 from align.losses.reward import reward_ranking_loss
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer
@@ -69,7 +71,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     dtype = next(rm.parameters()).dtype
     # step 3
     whole = stage.data.model_copy(update={"eval_fraction": 0.0})
-    records, _ = load_preferences(whole, ctx.data_paths(stage.data, artifact="pairs"), ctx.seed)
+    records, _ = load_preferences(whole, ctx.data_paths(stage.data, (Artifact.PREFERENCES,)), ctx.seed)
     records = select_domain(records, stage.domain, stage.default_domain)
     train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed)
     train_records, hygiene = apply_hygiene(train_records, stage.min_strength, stage.dedup_threshold)
@@ -142,7 +144,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
         stats = compute_stats(flat, max_length=cfg.max_length, max_prompt_length=max_prompt_length,
                               extra={"records": len(stats_ex), "stage": stage.name})
         metrics.update(reward_mean=stats.mean, reward_std=stats.std)
-    model_dir = out_dir / "model"
+    model_dir = ctx.output(Artifact.REWARD_MODEL)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model).model, tokenizer, model_dir)
@@ -150,7 +152,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
             stats.save(model_dir)
     accelerator.wait_for_everyone()
     metrics = {k: float(v) for k, v in metrics.items() if v is not None}
-    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+    return StageResult(metrics=metrics)
 
 
 def _write_eval_scores(path: Path, records, scores) -> None:

@@ -6,9 +6,8 @@ examples of a micro-batch are laid end to end in one padding-free row, so no FLO
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from align.config.stages import SFTStage
+from align.config.base import Artifact
+from align.config.sft import SFTStage
 from align.data.chat import tokenize_chat
 from align.data.collate import collate_packed, collate_padded, epoch_order, group_by_count, group_by_tokens
 from align.data.sources import load_sft
@@ -42,7 +41,7 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
     # step 3
     train_records, eval_records = load_sft(
-        stage.data, ctx.data_paths(stage.data), ctx.seed, stage.system_prompt
+        stage.data, ctx.data_paths(stage.data, (Artifact.SFT_RECORDS,)), ctx.seed, stage.system_prompt
     )
     train_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in train_records]
     eval_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in eval_records]
@@ -110,13 +109,13 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
         logger.log(summary.steps, {"loss": eval_after}, prefix="eval")
     logger.close()
     # step 7
-    model_dir = Path(ctx.out_dir) / "model"
+    model_dir = ctx.output(Artifact.POLICY)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
     accelerator.wait_for_everyone()
     metrics = {k: v for k, v in metrics.items() if v is not None}
-    return StageResult(artifacts={"model": str(model_dir)}, metrics=metrics)
+    return StageResult(metrics=metrics)
 
 
 def _to(batch, device):

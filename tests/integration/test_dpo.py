@@ -7,11 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from align.config import recipe_from_dict
+from align.config.recipe import recipe_from_dict
 from align.config.specs import ModelSpec
 from align.models.loading import build_tiny_model, load_tokenizer
-from align.runner import run_recipe
-from align.train.reference import model_identity
+from align.models.reference_cache import model_identity
+from align.runner import run_recipe, run_stage
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1}
@@ -46,7 +46,7 @@ def test_dpo_raises_reward_accuracy_and_margin(tmp_path):
     assert m["train_pairs_reward_margin"] > 0.1
     assert m["train_pairs_dpo"] < m["train_pairs_dpo_start"]
     assert "eval_reward_accuracy" in m and "eval_reward_accuracy_start" in m
-    path = out["dpo"]["artifacts"]["model"]
+    path = out["dpo"]["artifacts"]["policy"]
     after = AutoModelForCausalLM.from_pretrained(path)  # plain transformers, no align code
     stage = recipe_from_dict({"name": "t", "stages": [dpo_stage()]}).stage("dpo")
     before = build_tiny_model(stage.model, after.config.vocab_size, seed=0)
@@ -91,7 +91,8 @@ def test_lora_reference_is_the_base_model_without_a_second_copy(tmp_path, monkey
     monkeypatch.setattr(reference, "load_causal_lm", no_second_model)
     stage = dpo_stage(model={"path": "builtin:tiny", "tiny": TINY, "lora": {"r": 4, "alpha": 8}})
     stage["train"]["max_steps"] = 3
-    m = run(tmp_path, [stage])["dpo"]["metrics"]
+    recipe = recipe_from_dict({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": [stage]})
+    m = run_stage(recipe, "dpo", 1, "fp").metrics  # in this process, where the patch is
     assert m["ref_forward_passes"] > 0
     assert m["train_pairs_reward_margin_start"] == pytest.approx(0.0, abs=1e-6)
     assert m["train_pairs_reward_margin"] != 0.0

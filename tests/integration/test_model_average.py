@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from align.config import RecipeError, recipe_from_dict
+from align.config.recipe import RecipeError, recipe_from_dict
 from align.data.chat import build_byte_tokenizer
 from align.runner import run_recipe
 from align.stages.model_average import CheckpointMismatchError, average_checkpoints
@@ -97,7 +97,7 @@ def test_model_average_runs_in_a_recipe(tmp_path):
     recipe = recipe_from_dict(two_sfts_then_average(tmp_path, weights=[1, 3]))
     records = run_recipe(recipe, log=lambda *_: None)
     by_stage = {r["stage"]: r for r in records}
-    paths = [by_stage[s]["artifacts"]["model"] for s in ("sft", "sft_b", "avg")]
+    paths = [by_stage[s]["artifacts"]["policy"] for s in ("sft", "sft_b", "avg")]
     wa, wb, avg = (load_file(f"{p}/model.safetensors") for p in paths)
     for name in wa:
         assert torch.allclose(avg[name], 0.25 * wa[name] + 0.75 * wb[name], atol=1e-6), name

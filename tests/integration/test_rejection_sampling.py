@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 import align.stages.rejection_sampling as rs
-from align.config import recipe_from_dict
-from align.runner import run_recipe
+from align.config.recipe import recipe_from_dict
+from align.config.base import Artifact
+from align.runner import run_recipe, run_stage
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1}
@@ -38,19 +39,21 @@ def rows(path):
 def test_best_of_k_keeps_the_highest_score(tmp_path):
     (record,) = run_recipe(recipe_from_dict(recipe(tmp_path)), log=lambda *_: None)
     samples = rows(record["artifacts"]["samples"])
-    sft = rows(record["artifacts"]["data"])
-    by_key = {s["key"]: s for s in samples}
-    assert len(samples) == 12 and len(sft) == sum(1 for s in samples if s["texts"])
+    sft = rows(record["artifacts"]["sft_records"])
+    by_prompt: dict[str, list] = {}
+    for s in samples:  # ScoredSample rows: one per (prompt, candidate)
+        by_prompt.setdefault(json.dumps(s["prompt"]), []).append(s)
+    assert len(by_prompt) == 12 and len(sft) == 12
     for r in sft:
-        key = json.dumps([[m["role"], m["content"]] for m in r["messages"][:-1]])
-        s = by_key[key]
-        assert r["meta"]["score"] == max(s["scores"])
-        assert r["messages"][-1]["content"] == s["texts"][s["scores"].index(max(s["scores"]))]
+        cands = by_prompt[json.dumps(r["messages"][:-1])]
+        best = max(cands, key=lambda c: c["score"])
+        assert r["meta"]["score"] == best["score"]
+        assert r["messages"][-1]["content"] == best["response"]["content"]
         assert r["meta"]["k"] == 4 and r["meta"]["round"] == 1 and r["meta"]["temperature"] == 1.0
     m = record["metrics"]
     assert m["reward_best_mean"] >= m["reward_sample_mean"]
     assert m["gold_best_mean"] == pytest.approx(m["reward_best_mean"])  # the gold judge is the reward here
-    for p in rows(record["artifacts"]["pairs"]):
+    for p in rows(record["artifacts"]["preferences"]):
         assert p["meta"]["scores"][0] > p["meta"]["scores"][1]
 
 
@@ -72,22 +75,22 @@ def test_resume_after_kill_regenerates_nothing_stored(tmp_path, monkeypatch):
         return gen
 
     monkeypatch.setattr(rs, "make_generator", counting)
-    data = recipe(tmp_path)
+    # in this process (the runner would start a fresh one, without the patch)
+    data = recipe_from_dict(recipe(tmp_path))
     with pytest.raises(KeyboardInterrupt):
-        run_recipe(recipe_from_dict(data), log=lambda *_: None)
+        run_stage(data, "rs", 1, "fp")
     assert len(calls) == 3  # 2 batches stored, the 3rd interrupted
     monkeypatch.setenv("RESUMED", "1")
     calls.clear()
-    (record,) = run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    result = run_stage(data, "rs", 1, "fp")
     assert len(calls) == 2  # 4 batches of 3 prompts, 2 of them already stored
-    assert record["metrics"]["samples"] == 12 * 4
+    assert result.metrics["samples"] == 12 * 4
 
     # the same records as a run that was never interrupted
     calls.clear()
-    clean = recipe(tmp_path / "clean")
-    (ref,) = run_recipe(recipe_from_dict(clean), log=lambda *_: None)
+    ref = run_stage(recipe_from_dict(recipe(tmp_path / "clean")), "rs", 1, "fp")
     assert len(calls) == 4
-    assert rows(ref["artifacts"]["data"]) == rows(record["artifacts"]["data"])
+    assert rows(ref.artifacts[Artifact.SFT_RECORDS]) == rows(result.artifacts[Artifact.SFT_RECORDS])
 
 
 @pytest.mark.slow
@@ -115,7 +118,7 @@ def test_pool_over_previous_rounds_never_keeps_a_worse_answer(tmp_path):
     data = recipe(tmp_path, rounds=2, pool_previous_rounds=True,
                   prompts={"paths": [str(tmp_path / "prompts.jsonl")]})
     records = run_recipe(recipe_from_dict(data), log=lambda *_: None)
-    r1, r2 = (rows(r["artifacts"]["data"]) for r in records)
+    r1, r2 = (rows(r["artifacts"]["sft_records"]) for r in records)
     best1 = {json.dumps(r["messages"][:-1]): r["meta"]["score"] for r in r1}
     assert {json.dumps(r["messages"][:-1]) for r in r2} >= set(best1)
     for r in r2:

@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForSequenceClassification
 
 from align.cli import main
-from align.config import recipe_from_dict
+from align.config.recipe import recipe_from_dict
 from align.runner import run_recipe
 from rewards.scoring import RewardScorer
 from tests.conftest import REPO
@@ -67,7 +67,7 @@ def test_loss_falls_and_accuracy_rises_above_chance(trained):
 
 def test_checkpoint_scores_the_same_with_plain_transformers(trained):
     tmp, record = trained
-    model_dir = record["artifacts"]["model"]
+    model_dir = record["artifacts"]["reward_model"]
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)
     assert model.config.num_labels == 1 and model.config.pad_token_id is not None
     rows = [json.loads(x) for x in open(tmp / "runs/t/round_1/rm/eval_scores.jsonl")]
@@ -84,7 +84,7 @@ def test_eval_cli_prints_json_metrics(trained, tmp_path, capsys):
     rows = [json.loads(x) for x in open(tmp / "runs/t/round_1/rm/eval_scores.jsonl")]
     data = write_jsonl(tmp_path / "held_out.jsonl", [{k: r[k] for k in ("prompt", "responses", "strength", "domain")}
                                                      for r in rows])
-    assert main(["eval", "reward-model", "--model", record["artifacts"]["model"], "--data", str(data),
+    assert main(["eval", "reward-model", "--model", record["artifacts"]["reward_model"], "--data", str(data),
                  "--batch-size", "4"]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["rm_accuracy"] == pytest.approx(record["metrics"]["rm_accuracy"])
@@ -160,7 +160,7 @@ def test_helpful_and_safety_models_on_real_data(shared_data, tmp_path):
     m_help, m_safe = records[0]["metrics"], records[1]["metrics"]
     assert "rm_accuracy/significantly_better" in m_help and "rm_accuracy/domain=helpfulness" in m_help
     assert "rm_accuracy/domain=safety" in m_safe and 0 <= m_safe["rm_accuracy"] <= 1
-    scorers = [RewardScorer.from_pretrained(r["artifacts"]["model"], device="cpu") for r in records]
+    scorers = [RewardScorer.from_pretrained(r["artifacts"]["reward_model"], device="cpu") for r in records]
     rows = [json.loads(x) for x in open(tmp_path / "runs/reward_models/round_1/rm_safety/eval_scores.jsonl")][:4]
     out = CombinedReward(*scorers).score([r["prompt"] for r in rows], [r["responses"][0] for r in rows],
                                          is_safety=[True, False, False, False])

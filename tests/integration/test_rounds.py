@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from align.config import RecipeError, recipe_from_dict
+from align.config.recipe import RecipeError, recipe_from_dict
 from align.runner import run_recipe
 from tests.conftest import tiny_sft_recipe
 
@@ -57,7 +57,7 @@ def test_round_two_starts_from_previous_rounds_model(tmp_path):
     # round 2's a starts where round 1's b ended: its first loss is far below round 1's from-scratch loss
     assert by[(2, "a")]["metrics"]["train_loss_first"] < by[(1, "a")]["metrics"]["train_loss_first"] - 0.1
     # c does not depend on anything, but each round reruns it with that round's seed
-    assert by[(2, "c")]["artifacts"]["model"].endswith("round_2/c/model")
+    assert by[(2, "c")]["artifacts"]["policy"].endswith("round_2/c/model")
 
 
 def test_previous_round_reference_needs_a_round_one_fallback(tmp_path):

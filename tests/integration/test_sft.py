@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from align.config import recipe_from_dict
+from align.config.recipe import recipe_from_dict
 from align.data.chat import tokenize_prompt
 from align.models.loading import build_tiny_model, load_tokenizer
 from align.runner import run_recipe
@@ -29,7 +29,7 @@ def test_sft_lowers_loss_and_changes_weights(tmp_path, packing):
     assert m["eval_loss"] < m["eval_loss_before"]
     stage = recipe.stage("sft")
     before = build_tiny_model(stage.model, len(load_tokenizer(stage.model, "builtin:tiny")), seed=recipe.seed)
-    after = AutoModelForCausalLM.from_pretrained(record["artifacts"]["model"])
+    after = AutoModelForCausalLM.from_pretrained(record["artifacts"]["policy"])
     changed = [n for n, p in after.named_parameters() if not torch.equal(p, before.state_dict()[n])]
     assert len(changed) == len(list(after.parameters()))
     rows = [json.loads(x) for x in open(tmp_path / "runs/t/round_1/sft/metrics.jsonl")]
@@ -38,7 +38,7 @@ def test_sft_lowers_loss_and_changes_weights(tmp_path, packing):
 
 def test_checkpoint_reloads_and_generates_with_plain_transformers(tmp_path):
     _, record = _run(tmp_path)
-    path = record["artifacts"]["model"]
+    path = record["artifacts"]["policy"]
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.chat_template and tok.convert_tokens_to_ids("<|eot_id|>") == model.generation_config.eos_token_id
@@ -57,7 +57,7 @@ def test_lora_trains_adapter_and_saves_merged_model(tmp_path):
         train={"max_steps": 8, "optim": {"lr": 1e-2, "warmup_ratio": 0.0}},
     )
     assert record["metrics"]["train_loss_last"] < record["metrics"]["train_loss_first"]
-    path = record["artifacts"]["model"]
+    path = record["artifacts"]["policy"]
     assert (tmp_path / "runs/t/round_1/sft/model/adapter/adapter_config.json").exists()
     model = AutoModelForCausalLM.from_pretrained(path)  # merged: no peft needed
     assert not any("lora" in n for n, _ in model.named_parameters())

@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from align.data.builtin import chat_preference_records
 from align.data.chat import build_byte_tokenizer, formatting_token_ids
-from align.data.preference import builtin_preferences, collate_pairs, tokenize_preferences
+from align.data.preference import collate_pairs, tokenize_preferences
 from align.losses.dpo import response_sums, response_token_counts
 from align.models.logps import TokenLogps
 
@@ -19,7 +20,7 @@ def test_shared_prompt_rows_equal_separate_rows():
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     lm = LlamaForCausalLM(cfg).eval()
-    examples = tokenize_preferences(tok, builtin_preferences(4, seed=3), formatting_token_ids(tok), 256,
+    examples = tokenize_preferences(tok, chat_preference_records(4, seed=3), formatting_token_ids(tok), 256,
                                     "adjacent").examples
     batch = collate_pairs(examples, tok.pad_token_id)
     with torch.no_grad():

@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
+from align.data.builtin import chat_preference_records
 from align.data.chat import EOT, build_byte_tokenizer, formatting_token_ids
 from align.data.preference import (
-    builtin_preferences,
     collate_pairs,
     select_pairs,
     tokenize_preference,
@@ -79,8 +79,8 @@ def test_truncation_and_dropped_prompts(tok):
     assert data.examples == [] and data.dropped == 2
 
 
-def test_builtin_preferences_are_valid_and_ranked():
-    records = builtin_preferences(5, seed=1)
+def test_chat_preference_records_are_valid_and_ranked():
+    records = chat_preference_records(5, seed=1)
     assert len(records) == 5 and all(len(r.responses) == 3 for r in records)
     assert all(r.responses[0].content != r.responses[2].content for r in records)
 

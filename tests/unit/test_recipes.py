@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align.config import RecipeError, load_recipe, recipe_from_dict
+from align.config.recipe import RecipeError, load_recipe, recipe_from_dict
 
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
@@ -84,7 +84,7 @@ def test_validation_does_not_import_torch():
     import sys
 
     code = (
-        "import sys; from align.config import load_recipe; "
+        "import sys; from align.config.recipe import load_recipe; "
         f"load_recipe({str(RECIPES[0])!r}); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

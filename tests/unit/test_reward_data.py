@@ -2,7 +2,8 @@
 
 import pytest
 
-from align.data.ranking import apply_hygiene, select_domain, similarity, split_by_prompt
+from align.data.ranking import apply_hygiene, select_domain, similarity
+from align.data.sources import split_by_prompt
 from data_schemas import parse_record
 from eval.reward_accuracy import ranking_accuracy
 

@@ -7,8 +7,8 @@ d=-1 -> 1.3132617, d=2 -> 0.1269280, d=3 -> 0.0485874.
 import pytest
 import torch
 
-from align.data.ranking import MARGIN_TABLES, record_margin
-from align.losses.reward import ranked_pairs, reward_ranking_loss
+from align.data.ranking import record_margin
+from align.losses.reward import MARGIN_TABLES, ranked_pairs, reward_ranking_loss
 from data_schemas import parse_record
 
 

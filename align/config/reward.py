@@ -1,0 +1,37 @@
+"""How a stage is rewarded: one reward model, the Llama 2 Helpfulness + Safety combination, or a programmatic
+reward function. ``align.models.reward_fn.build_reward`` turns it into a ``rewards.protocol.RewardFunction``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from align.config.base import Artifact, Consumes
+from align.config.specs import ModelSpec, Strict
+
+
+class RewardSpec(Strict):
+    """What scores the samples: one reward model, the Llama 2 Helpfulness + Safety combination, or a
+    programmatic reward function (``gold``: the built-in world's judge, for controlled experiments)."""
+
+    model: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="one reward model (a reward_model stage or a path)")
+    helpful: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="the Helpfulness reward model (with 'safety')")
+    safety: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="the Safety reward model (with 'helpful')")
+    safety_threshold: float = Field(0.15, description="Llama 2: use the safety score when it is below this")
+    threshold_scale: Literal["sigmoid", "raw"] = Field(
+        "sigmoid", description="compare sigmoid(safety score) (Llama 2) or the raw score with the threshold"
+    )
+    whiten: bool = Field(True, description="whiten scores with each model's saved statistics")
+    function: Literal["gold"] | None = Field(None, description="a programmatic reward instead of models")
+    batch_size: int = Field(16, gt=0, description="(prompt, response) rows per scoring batch")
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        kinds = [self.model is not None, self.helpful is not None or self.safety is not None,
+                 self.function is not None]
+        if sum(kinds) != 1:
+            raise ValueError("give exactly one of 'model', 'helpful' + 'safety', and 'function'")
+        if (self.helpful is None) != (self.safety is None):
+            raise ValueError("'helpful' and 'safety' go together")
+        return self

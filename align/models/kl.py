@@ -1,0 +1,48 @@
+"""Full next-token log-prob distributions along responses, and a policy's exact KL to its reference.
+
+``kl_to_reference`` is the per-token KL(policy || reference) over the full next-token distributions,
+summed over each response's tokens and averaged over prompts, along given responses (the policy's own,
+for evaluation): deterministic for greedy decoding and never negative, unlike a sampled log-ratio estimate.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from align.data.chat import termination_token_id, tokenize_prompt
+from align.losses.kl import exact_kl
+
+
+@torch.no_grad()
+def response_vocab_logps(model, tokenizer, prompts, responses, batch_size: int = 16) -> list[torch.Tensor]:
+    """Per prompt: (n_response_tokens, V) float32 log-softmax over the response positions (incl. eot).
+
+    prompts: conversations (message lists ending with a user turn); responses: their answers' text."""
+    eot = termination_token_id(tokenizer)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        rows, spans = [], []
+        for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True):
+            prompt_ids = tokenize_prompt(tokenizer, p)
+            resp_ids = list(tokenizer(r, add_special_tokens=False)["input_ids"]) + [eot]
+            rows.append(prompt_ids + resp_ids)
+            spans.append((len(prompt_ids), len(resp_ids)))
+        width = max(len(x) for x in rows)
+        ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, T)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)  # (B, T) 1 = real token (HF's convention)
+        for i, x in enumerate(rows):
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        device = next(model.parameters()).device
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        for i, (p_len, r_len) in enumerate(spans):
+            out.append(logits[i, p_len - 1 : p_len - 1 + r_len].log_softmax(-1).cpu())
+    return out
+
+
+def kl_to_reference(policy, reference, tokenizer, prompts, responses) -> float:
+    """Mean over prompts of the response's summed per-token KL(policy || reference) (see the module)."""
+    pol = response_vocab_logps(policy, tokenizer, prompts, responses)
+    ref = response_vocab_logps(reference, tokenizer, prompts, responses)
+    per_prompt = [float(exact_kl(p, r, dim=(-2, -1))) for p, r in zip(pol, ref, strict=True)]
+    return sum(per_prompt) / max(len(per_prompt), 1)

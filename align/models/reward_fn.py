@@ -1,0 +1,29 @@
+"""The reward function a recipe's :class:`~align.config.reward.RewardSpec` describes, as a
+:class:`rewards.protocol.RewardFunction` (prompts, responses, safety tags -> (B,) float64 tensor)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from align.config.reward import RewardSpec
+from align.config.specs import ModelSpec
+from rewards.combine import CombinedReward
+from rewards.gold import gold_reward
+from rewards.protocol import RewardFunction
+from rewards.scoring import ModelReward, RewardScorer
+
+
+def build_reward(spec: RewardSpec, model_path: Callable[[ModelSpec], str]) -> RewardFunction:
+    """Load the reward models ``spec`` names (``model_path`` resolves a spec to a folder or hub id,
+    e.g. ``StageContext.model_path``) and wrap them; ``function: gold`` loads nothing."""
+    if spec.function == "gold":
+        return gold_reward()
+    if spec.model is not None:
+        scorer = RewardScorer.from_pretrained(model_path(spec.model))
+        return ModelReward(scorer, whiten=spec.whiten, batch_size=spec.batch_size)
+    return CombinedReward(
+        RewardScorer.from_pretrained(model_path(spec.helpful)),
+        RewardScorer.from_pretrained(model_path(spec.safety)),
+        threshold=spec.safety_threshold, threshold_scale=spec.threshold_scale, whiten=spec.whiten,
+        batch_size=spec.batch_size,
+    )
