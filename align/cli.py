@@ -74,7 +74,7 @@ def _register_eval_commands(sub) -> None:
     from eval.reward_model import add_command as add_reward_model_command  # align eval reward-model
 
     add_reward_model_command(sub)
-    from align.stages.evaluation import add_command as add_policy_command  # align eval policy
+    from align.stages.policy_command import add_command as add_policy_command  # align eval policy
 
     add_policy_command(sub)
 
@@ -144,12 +144,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # user-facing input errors carry their own message
-        from align.runtime import StageInputError
+        from align.runtime import StageFailed, StageInputError
         from data_schemas import DataError
 
         if isinstance(err, (DataError, StageInputError)):
             print(f"error: {err}", file=sys.stderr)
             return 2
+        if isinstance(err, StageFailed):  # the stage's process printed any traceback already
+            print(f"error: {err}", file=sys.stderr)
+            return 2 if err.user_error else 1
         raise
 
 

@@ -12,3 +12,15 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def cache_kwarg(model, cache) -> dict:
+    """The decoding cache as a forward() keyword: transformers 5.24 renamed ``past_key_values`` to
+    ``cache`` (the old name warns and goes in 5.40). Remove when the transformers floor in pyproject.toml
+    is a release whose models take ``cache``."""
+    import inspect
+
+    forward = type(model).forward
+    if "cache" in inspect.signature(forward).parameters:
+        return {"cache": cache}
+    return {"past_key_values": cache}

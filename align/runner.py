@@ -105,6 +105,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
     else:
         raise KeyError(f"no stage '{stage_name}' in round {round_}")
     out = stage_dir(recipe, round_, stage.name)
+    out.mkdir(parents=True, exist_ok=True)
     produced = stage_outputs(recipe.stages)
     upstream_kinds = {ref: produced.get(ref.removeprefix("prev."), frozenset()) for ref in stage.references()}
     ctx = StageContext(
@@ -118,6 +119,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
     if missing:
         raise RuntimeError(f"the {stage.kind} stage did not write its declared output(s): {', '.join(missing)}")
     result.artifacts = {kind: str(out / rel) for kind, rel in ctx.outputs.items()}
+    result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None}
     write_result(out, result, fp)
     return result
 

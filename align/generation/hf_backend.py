@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from align.compat import cache_kwarg
 from align.config.sampling import SamplingParams
 from align.data.chat import termination_token_id
 from align.generation.protocol import Prompt, Sample, check_k, prompt_ids
@@ -133,8 +134,9 @@ def decode_shared_prefill(model, batch: Sequence[Sequence[int]], k: int, params:
     mask[:, :width] = prompt_mask
     # step 2
     cache = StaticCache(config=model.config, max_cache_len=width + steps)
+    with_cache = cache_kwarg(model, cache)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                **with_cache, use_cache=True, logits_to_keep=1)
     # step 3
     repeat_rows(cache, k)
     logits = out.logits[:, -1].float().repeat_interleave(k, dim=0)  # (N, V), N = B * k
@@ -166,7 +168,7 @@ def decode_shared_prefill(model, batch: Sequence[Sequence[int]], k: int, params:
             rows, mask, positions, tokens, done = rows[keep], mask[keep], positions[keep], tokens[keep], done[keep]
         mask[:, width + t] = 1  # the token fed now goes to cache column width + t
         out = model(input_ids=tokens.masked_fill(done, pad_id)[:, None], attention_mask=mask,
-                    position_ids=positions[:, None], past_key_values=cache, use_cache=True)
+                    position_ids=positions[:, None], **with_cache, use_cache=True)
         logits = out.logits[:, -1].float()
         positions = positions + 1
     return result

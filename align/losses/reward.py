@@ -9,10 +9,10 @@ whatever its number of responses; the batch loss is the mean (or sum) over promp
 
 Margin ``m_ij``: a record carries one margin ``m`` (from its strength via a table of
 :data:`MARGIN_TABLES`, or given; ``align.data.ranking.record_margin`` looks it up). A strength label
-compares the record's preferred responses with its *rejected* one (the last), so ``m`` applies to every pair whose worse response is the last one: for pairwise data that is the one pair; for
-Llama 3's edited > chosen > rejected, (edited, rejected) and (chosen, rejected) get ``m`` (by transitivity
-the edit beats the rejected response at least as clearly) and (edited, chosen), whose gap no label
-measures, gets 0.
+compares the record's preferred responses with its *rejected* one (the last), so ``m`` applies to every
+pair whose worse response is the last one: for pairwise data that is the one pair; for Llama 3's
+edited > chosen > rejected, (edited, rejected) and (chosen, rejected) get ``m`` (by transitivity the edit
+beats the rejected response at least as clearly) and (edited, chosen), whose gap no label measures, gets 0.
 
 Centering (Eisenstein et al. 2023, TRL's ``center_rewards_coefficient``): ``c * (r_i + r_j)^2`` per
 pair, which for pairwise data is exactly TRL's ``c * mean((r_chosen + r_rejected)^2)``; it pins the

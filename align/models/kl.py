@@ -11,16 +11,17 @@ import torch
 
 from align.data.chat import termination_token_id, tokenize_prompt
 from align.losses.kl import exact_kl
+from align.models.inference import no_grad_map
 
 
-@torch.no_grad()
 def response_vocab_logps(model, tokenizer, prompts, responses, batch_size: int = 16) -> list[torch.Tensor]:
     """Per prompt: (n_response_tokens, V) float32 log-softmax over the response positions (incl. eot).
 
     prompts: conversations (message lists ending with a user turn); responses: their answers' text."""
     eot = termination_token_id(tokenizer)
-    out = []
-    for start in range(0, len(prompts), batch_size):
+    device = next(model.parameters()).device
+
+    def make_batch(start):
         rows, spans = [], []
         for p, r in zip(prompts[start : start + batch_size], responses[start : start + batch_size], strict=True):
             prompt_ids = tokenize_prompt(tokenizer, p)
@@ -33,8 +34,14 @@ def response_vocab_logps(model, tokenizer, prompts, responses, batch_size: int =
         for i, x in enumerate(rows):
             ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
-        device = next(model.parameters()).device
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
+        return ids.to(device), mask.to(device), spans
+
+    def forward(m, batch):
+        ids, mask, _ = batch
+        return m(input_ids=ids, attention_mask=mask).logits.float()  # (B, T, V)
+
+    out = []
+    for (_, _, spans), logits in no_grad_map(model, range(0, len(prompts), batch_size), make_batch, forward):
         for i, (p_len, r_len) in enumerate(spans):
             out.append(logits[i, p_len - 1 : p_len - 1 + r_len].log_softmax(-1).cpu())
     return out

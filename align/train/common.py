@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from align.config.specs import ModelSpec, TrainConfig
+from align.models.inference import no_grad_map
 from align.models.loading import load_causal_lm, load_tokenizer
 
 
@@ -29,25 +30,21 @@ def load_policy(spec: ModelSpec, model_path: str, seed: int):
     return model, tokenizer
 
 
-@torch.no_grad()
-def evaluate_sum(
+def evaluate_sums(
     model: torch.nn.Module,
     groups: Sequence[Sequence[int]],
     make_batch: Callable,
     loss_fn: Callable,
     units: Callable,
-    accelerator=None,
-) -> float:
-    """Mean of a summed loss over ``groups`` of examples (unit-weighted, like training)."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0.0
-    for group in groups:
-        batch = make_batch(group)
-        ctx = accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False)
-        with ctx:
-            loss, _ = loss_fn(model, batch)
+    accelerator,
+) -> dict[str, float]:
+    """Held-out ``loss`` and every stat of ``loss_fn`` (sums over units, like training) as means over the
+    units of ``groups``, without gradients; the same numbers the training loop logs, on other data."""
+    total, sums, count = 0.0, {}, 0.0
+    for batch, (loss, stats) in no_grad_map(model, groups, make_batch, loss_fn, accelerator.autocast):
         total += float(loss)
         count += units(batch)
-    model.train(was_training)
-    return total / max(count, 1e-12)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    denominator = max(count, 1e-12)
+    return {"loss": total / denominator, **{k: v / denominator for k, v in sums.items()}}

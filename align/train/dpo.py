@@ -11,8 +11,6 @@ are computed with the policy before its first step, i.e. 0 when the reference is
 
 from __future__ import annotations
 
-import torch
-
 from align.config.base import Artifact
 from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
@@ -22,7 +20,7 @@ from align.losses.dpo import dpo_loss, response_sums, response_token_counts
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageResult
-from align.train.common import load_policy, make_accelerator
+from align.train.common import evaluate_sums, load_policy, make_accelerator
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -48,24 +46,6 @@ def make_loss_fn(beta: float, nll_weight: float, label_smoothing: float):
 
 def pair_count(batch) -> float:
     return float(batch.num_pairs)
-
-
-@torch.no_grad()
-def score_pairs(model, groups, make_batch, loss_fn, accelerator) -> dict[str, float]:
-    """Mean loss and metrics over the pairs of ``groups`` (no gradient)."""
-    was_training = model.training
-    model.eval()
-    total, sums, pairs = 0.0, {}, 0
-    for group in groups:
-        batch = make_batch(group)
-        with accelerator.autocast():
-            loss, stats = loss_fn(model, batch)
-        total += float(loss)
-        pairs += batch.num_pairs
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    model.train(was_training)
-    return {"loss": total / max(pairs, 1), **{k: v / max(pairs, 1) for k, v in sums.items()}}
 
 
 def run(stage: DPOStage, ctx: StageContext) -> StageResult:
@@ -115,7 +95,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
         for prefix, groups, examples, refs in (("train_pairs", train_groups, train_ex, train_ref),
                                                ("eval", eval_groups, eval_ex, eval_ref)):
             if groups:
-                m = score_pairs(model, groups, batcher(examples, refs), loss_fn, accelerator)
+                m = evaluate_sums(model, groups, batcher(examples, refs), loss_fn, pair_count, accelerator)
                 out.update({f"{prefix}_{k.replace('rewards/', 'reward_').replace('/', '_')}": v for k, v in m.items()})
         return out
 
@@ -155,7 +135,6 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
     accelerator.wait_for_everyone()
-    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     return StageResult(metrics=metrics)
 
 

@@ -5,8 +5,16 @@ loop divides by the unit count of the whole optimizer step across all micro-batc
 So 1 micro-batch of 8, 8 micro-batches of 1, and 2 processes x 4 give the same gradient: the mean over
 the global batch. (DDP averages gradients over processes, hence the extra factor ``world``.)
 
-Data order is a plan fixed up front from the seed: ``plan[step]`` lists the micro-batches of that step
-for all processes (process r takes its slice). Resuming at step s just continues at ``plan[s]``.
+The pieces, for any stage:
+
+- :func:`optimizer_step`: one optimizer step over this process's micro-batches (accumulation without
+  gradient sync until the last, the global-unit reduction above, clipping, scheduler) -> its metrics;
+- :class:`Checkpoints`: save and resume the accelerator state plus a small JSON loop state, keyed so a
+  checkpoint made for other work is ignored (tensors and JSON only: nothing is unpickled);
+- :func:`train`: the supervised loop built from them. Its data order is a plan fixed up front from the
+  seed: ``plan[step]`` lists the micro-batches of that step for all processes (process r takes its
+  slice); resuming at step s continues at ``plan[s]``. A stage that makes its batches as it goes (PPO's
+  rollouts) calls ``optimizer_step`` and ``Checkpoints`` itself.
 """
 
 from __future__ import annotations
@@ -66,27 +74,98 @@ def plan_hash(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:16]
 
 
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    done = sorted(p for p in ckpt_root.glob("step_*") if (p / "loop_state.json").exists())
-    return done[-1] if done else None
+class Checkpoints:
+    """``<root>/step_NNNNNNN/``: the accelerator state and ``loop_state.json`` (written last: its presence
+    marks the checkpoint complete). ``key`` says what work a checkpoint belongs to (e.g. the data plan's
+    hash); a checkpoint with another key is ignored on resume."""
+
+    def __init__(self, accelerator, root: Path, key: str, keep: int):
+        self.accelerator, self.root, self.key, self.keep = accelerator, Path(root), key, keep
+
+    def latest(self) -> Path | None:
+        done = sorted(p for p in self.root.glob("step_*") if (p / "loop_state.json").exists())
+        return done[-1] if done else None
+
+    def resume(self, desc: str) -> dict | None:
+        """Load the latest complete checkpoint of this work into the accelerator; -> its loop state."""
+        last = self.latest()
+        if last is None:
+            return None
+        state = json.loads((last / "loop_state.json").read_text())
+        if state.get("key") != self.key:
+            self.accelerator.print(f"[{desc}] ignoring {last} (made for other work)")
+            return None
+        self.accelerator.load_state(str(last))
+        return state
+
+    def save(self, step: int, state: dict) -> None:
+        path = self.root / f"step_{step:07d}"
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            (path / "loop_state.json").write_text(json.dumps({"step": step, "key": self.key, **state}))
+            for old in sorted(self.root.glob("step_*"))[: -self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
 
 
-def save_checkpoint_state(accelerator, ckpt_root: Path, step: int, state: dict, keep: int) -> None:
-    path = ckpt_root / f"step_{step:07d}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        # loop_state.json is written last: its presence marks the checkpoint complete.
-        (path / "loop_state.json").write_text(json.dumps({"step": step, **state}))
-        for old in sorted(ckpt_root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def _global_sum(accelerator, value: float) -> float:
+def global_sum(accelerator, value: float) -> float:
+    """Sum of ``value`` over all processes."""
     if accelerator.num_processes == 1:
         return float(value)
     t = torch.tensor([float(value)], dtype=torch.float64, device=accelerator.device)
     return float(accelerator.reduce(t, reduction="sum").item())
+
+
+def optimizer_step(
+    accelerator, model, optimizer, scheduler, batches: Sequence[object],
+    loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, float]]],
+    units: Callable[[object], float], max_grad_norm: float | None,
+) -> dict[str, float]:
+    """One optimizer step over this process's micro-batches ``batches``.
+
+    ``loss_fn(model, batch) -> (loss_sum, stat_sums)`` returns SUMS over the batch's units; ``units(batch)``
+    is that count, known before the forward pass. Gradients are of the mean over the units of the whole
+    step on all processes. -> ``loss`` and every stat as that mean, ``lr`` (of this step), ``grad_norm``
+    (before clipping), ``tokens`` (all processes), ``tokens_per_s``.
+    """
+    t0 = time.perf_counter()
+    world = accelerator.num_processes
+    global_units = global_sum(accelerator, sum(units(b) for b in batches))
+    denominator = max(global_units, 1e-12)
+    scale = world / denominator  # DDP averages gradients over processes
+    loss_sum, sums, local_tokens = 0.0, {}, 0
+    for j, batch in enumerate(batches):
+        sync = j == len(batches) - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
+            loss, stats = loss_fn(model, batch)
+            accelerator.backward(loss * scale)
+        loss_sum += float(loss.detach())
+        local_tokens += int(getattr(batch, "num_tokens", 0))
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
+    grad_norm = None
+    if max_grad_norm is not None:
+        grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    tokens = int(global_sum(accelerator, local_tokens))
+    metrics = {"loss": global_sum(accelerator, loss_sum) / denominator, "lr": lr}
+    for k in sorted(sums):
+        metrics[k] = global_sum(accelerator, sums[k]) / denominator
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+    metrics["tokens"] = tokens
+    metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
+    return metrics
+
+
+def progress_bar(accelerator, total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, disable=not accelerator.is_main_process,
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def train(
@@ -105,79 +184,34 @@ def train(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
 ) -> TrainSummary:
-    """Run ``plan`` (resuming from the latest checkpoint in ``out_dir/checkpoints`` if any).
-
-    ``loss_fn(model, batch) -> (loss_sum, stat_sums)`` returns SUMS over the batch's units;
-    ``units(batch)`` is that unit count, known before the forward pass.
-    """
-    from tqdm.auto import tqdm
-
-    ckpt_root = Path(out_dir) / "checkpoints"
-    fingerprint = plan_hash(plan)
-    start, tokens_seen = 0, 0
-    first_loss = last_loss = None
-    last = latest_checkpoint(ckpt_root)
-    if last is not None:
-        state = json.loads((last / "loop_state.json").read_text())
-        if state.get("plan") == fingerprint:
-            accelerator.load_state(str(last))
-            start, tokens_seen = state["step"], state.get("tokens", 0)
-            first_loss = state.get("first_loss")
-            logger.truncate_after(start)
-            accelerator.print(f"[{desc}] resuming from {last.name} (step {start}/{len(plan)})")
-        else:
-            accelerator.print(f"[{desc}] ignoring {last} (made by a different data plan)")
-
-    rank, world, accum = accelerator.process_index, accelerator.num_processes, cfg.grad_accum
-    bar = tqdm(
-        total=len(plan), initial=start, desc=desc, disable=not accelerator.is_main_process, dynamic_ncols=True,
-        mininterval=0.5 if sys.stderr.isatty() else 10.0,
-    )
+    """Run ``plan`` (resuming from the latest checkpoint in ``out_dir/checkpoints`` if any), one
+    :func:`optimizer_step` per entry."""
+    checkpoints = Checkpoints(accelerator, Path(out_dir) / "checkpoints", plan_hash(plan), cfg.keep_checkpoints)
+    state = checkpoints.resume(desc) or {}
+    start, tokens_seen = state.get("step", 0), state.get("tokens", 0)
+    first_loss, last_loss = state.get("first_loss"), None
+    if start:
+        logger.truncate_after(start)
+        accelerator.print(f"[{desc}] resuming from {checkpoints.latest().name} (step {start}/{len(plan)})")
+    rank, accum = accelerator.process_index, cfg.grad_accum
+    bar = progress_bar(accelerator, len(plan), start, desc)
     model.train()
     t_start = time.perf_counter()
     for step in range(start, len(plan)):
-        t0 = time.perf_counter()
-        mine = plan[step][rank * accum : (rank + 1) * accum]
-        batches = [make_batch(group) for group in mine]
-        local_units = sum(units(b) for b in batches)
-        global_units = _global_sum(accelerator, local_units)
-        scale = world / max(global_units, 1e-12)
-        loss_sum, sums, local_tokens = 0.0, {}, 0
-        for j, batch in enumerate(batches):
-            sync = j == len(batches) - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
-                loss, stats = loss_fn(model, batch)
-                accelerator.backward(loss * scale)
-            loss_sum += float(loss.detach())
-            local_tokens += int(getattr(batch, "num_tokens", 0))
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-        grad_norm = None
-        if cfg.optim.max_grad_norm is not None:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        step_tokens = int(_global_sum(accelerator, local_tokens))
-        tokens_seen += step_tokens
-        metrics = {"loss": _global_sum(accelerator, loss_sum) / max(global_units, 1e-12), "lr": lr}
-        for k in sorted(sums):
-            metrics[k] = _global_sum(accelerator, sums[k]) / max(global_units, 1e-12)
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
-        metrics["tokens_per_s"] = step_tokens / max(time.perf_counter() - t0, 1e-9)
+        batches = [make_batch(group) for group in plan[step][rank * accum : (rank + 1) * accum]]
+        metrics = optimizer_step(accelerator, model, optimizer, scheduler, batches, loss_fn, units,
+                                 cfg.optim.max_grad_norm)
+        tokens_seen += metrics.pop("tokens")
         first_loss = metrics["loss"] if first_loss is None else first_loss
         last_loss = metrics["loss"]
         done = step + 1
         if done % cfg.log_every == 0 or done == len(plan):
             logger.log(done, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
+                        tok_s=f"{metrics['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
-            state = {"plan": fingerprint, "tokens": tokens_seen, "first_loss": first_loss}
-            save_checkpoint_state(accelerator, ckpt_root, done, state, cfg.keep_checkpoints)
+            checkpoints.save(done, {"tokens": tokens_seen, "first_loss": first_loss})
         if on_step is not None:
             on_step(done)
     bar.close()

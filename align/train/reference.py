@@ -29,6 +29,7 @@ from align.config.dpo import DPOStage
 from align.data.collate import group_by_count
 from align.data.preference import PreferenceExample, collate_pairs, examples_digest
 from align.losses.dpo import response_sums
+from align.models.inference import no_grad_map
 from align.models.loading import is_peft, load_causal_lm
 from align.models.logps import TokenLogps
 from align.models.reference_cache import KeyPart, load_or_compute, model_identity
@@ -46,27 +47,26 @@ def key_parts(model_id: str, mixed_precision: str, splits: Sequence[Sequence[Pre
     return parts
 
 
-@torch.no_grad()
 def compute_response_logps(
     model: TokenLogps, examples: Sequence[PreferenceExample], batch_size: int, pad_id: int,
     device, autocast=contextlib.nullcontext,
 ) -> tuple[list[list[float]], int]:
     """DPO-masked log-prob sum of every response: -> (per example, per response), forward passes."""
-    was_training = model.lm.training
-    model.eval()
     dtype = next(model.parameters()).dtype
+    groups = group_by_count(list(range(len(examples))), batch_size)
+
+    def make_batch(group):
+        return collate_pairs([examples[i] for i in group], pad_id, dtype).to(device)
+
     out, passes = [], 0
-    for group in group_by_count(list(range(len(examples))), batch_size):
-        chunk = [examples[i] for i in group]
-        batch = collate_pairs(chunk, pad_id, dtype).to(device)
-        with autocast():
-            logps = model(*batch.model_inputs())  # (N,)
+    results = no_grad_map(model, groups, make_batch, lambda m, b: m(*b.model_inputs()), autocast)  # (N,) each
+    for group, (batch, logps) in zip(groups, results, strict=True):
         sums = response_sums(logps.float(), batch.tokens.owner, batch.num_responses, batch.dpo_mask).tolist()
         passes += 1
-        for ex in chunk:
-            out.append(sums[: len(ex.responses)])
-            sums = sums[len(ex.responses) :]
-    model.train(was_training)
+        for i in group:
+            n = len(examples[i].responses)
+            out.append(sums[:n])
+            sums = sums[n:]
     return out, passes
 
 

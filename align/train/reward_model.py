@@ -25,6 +25,7 @@ from align.data.preference import load_preferences
 from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked
 from align.data.sources import split_by_prompt
 from align.losses.reward import reward_ranking_loss
+from align.models.inference import no_grad_map
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer
 from align.runtime import StageContext, StageInputError, StageResult
@@ -40,19 +41,19 @@ def prompts_in(batch) -> float:
     return float(batch.num_prompts)
 
 
-@torch.no_grad()
 def score_examples(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32):
     """Scores of every example's responses (best first), in order: list of lists of floats."""
-    was_training = model.training
-    model.eval()
     out = []
-    for group in group_by_count(list(range(len(examples))), batch_size):
-        batch = collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
-        flat = model(*batch.model_inputs()).tolist()
+
+    def make_batch(group):
+        return collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
+
+    groups = group_by_count(list(range(len(examples))), batch_size)
+    for batch, scores in no_grad_map(model, groups, make_batch, lambda m, b: m(*b.model_inputs())):
+        flat = scores.tolist()
         for n in batch.responses_per_prompt:
             out.append(flat[:n])
             flat = flat[n:]
-    model.train(was_training)
     return out
 
 
@@ -151,7 +152,6 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
         if stats is not None:
             stats.save(model_dir)
     accelerator.wait_for_everyone()
-    metrics = {k: float(v) for k, v in metrics.items() if v is not None}
     return StageResult(metrics=metrics)
 
 

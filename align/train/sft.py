@@ -14,7 +14,7 @@ from align.data.sources import load_sft
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageResult
-from align.train.common import evaluate_sum, load_policy, make_accelerator
+from align.train.common import evaluate_sums, load_policy, make_accelerator
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -86,7 +86,7 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     def held_out_loss():
         if not eval_ex:
             return None
-        return evaluate_sum(model, eval_groups, make_eval_batch, sft_loss, scored_tokens, accelerator)
+        return evaluate_sums(model, eval_groups, make_eval_batch, sft_loss, scored_tokens, accelerator)["loss"]
 
     eval_before = held_out_loss()
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
@@ -114,7 +114,6 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     if accelerator.is_main_process:
         save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
     accelerator.wait_for_everyone()
-    metrics = {k: v for k, v in metrics.items() if v is not None}
     return StageResult(metrics=metrics)
 
 

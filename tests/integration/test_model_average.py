@@ -112,7 +112,7 @@ def test_model_average_runs_in_a_recipe(tmp_path):
 def test_recipe_checks_references_inside_the_model_list(tmp_path):
     data = two_sfts_then_average(tmp_path)
     data["stages"][2]["models"][1] = {"from": "sft_c"}
-    with pytest.raises(RecipeError, match="reads from 'sft_c', which is not an earlier stage"):
+    with pytest.raises(RecipeError, match=r"stages\[avg\].models\[1\].from: 'sft_c' is not an earlier stage"):
         recipe_from_dict(data)
     data["stages"][2]["models"][1] = {"from": "sft_b"}
     data["stages"][2]["weights"] = [1.0]

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 import align.stages.rejection_sampling as rs
-from align.config.recipe import recipe_from_dict
 from align.config.base import Artifact
+from align.config.recipe import recipe_from_dict
 from align.runner import run_recipe, run_stage
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,

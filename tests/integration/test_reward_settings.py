@@ -13,7 +13,7 @@ import torch
 from align.config.recipe import recipe_from_dict
 from align.config.specs import ModelSpec
 from align.data.chat import EOT, tokenize_prompt
-from align.data.ranking import MARGIN_TABLES
+from align.losses.reward import MARGIN_TABLES
 from align.models.reward import load_reward_model, load_reward_tokenizer
 from align.runner import run_recipe
 

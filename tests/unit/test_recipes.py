@@ -53,7 +53,7 @@ def test_reference_to_missing_or_later_stage_is_caught():
     second = {**data["stages"][0], "name": "sft2", "model": {"from": "sftt"}}
     data["stages"].append(second)
     (msg,) = problems(data)
-    assert "reads from 'sftt'" in msg and "did you mean 'sft'" in msg
+    assert msg == "stages[sft2].model.from: 'sftt' is not an earlier stage (did you mean 'sft'?)"
 
 
 def test_overrides_apply_and_are_checked():

@@ -94,7 +94,7 @@ def test_training_split_covers_every_verb_and_object():
 
 def test_builtins_registered():
     assert set(BUILTIN_SFT) >= {"chat", "world"}
-    assert set(BUILTIN_PREFERENCE) == {"world", "world_helpful", "world_safety"}
+    assert set(BUILTIN_PREFERENCE) == {"chat", "world", "world_helpful", "world_safety"}
     assert set(BUILTIN_PROMPTS) == {"world", "world_eval"}
     assert {r.domain for r in BUILTIN_PREFERENCE["world"](10, 0)} == {"helpfulness", "safety"}
     assert len(BUILTIN_PROMPTS["world_eval"](8, 1)) == 8 and len(BUILTIN_SFT["world"](5, 1)) == 5

@@ -1,0 +1,54 @@
+"""The runner runs every stage in a process of its own: no global state leaks from one stage into the
+next, a stage's error reaches the caller with its message, and a stage must write what its kind declares."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from align.config.recipe import recipe_from_dict
+from align.runner import run_recipe
+from align.runtime import StageFailed
+from tests.conftest import tiny_sft_recipe
+
+
+def test_a_bf16_stage_after_an_fp32_stage_and_the_runner_imports_no_torch(tmp_path):
+    # in one process this failed: "AcceleratorState has already been initialized and cannot be changed"
+    data = tiny_sft_recipe(tmp_path, max_steps=2)
+    first = data["stages"][0]
+    data["stages"].append({**first, "name": "sft_bf16", "model": {"from": "sft"},
+                           "train": {**first["train"], "mixed_precision": "bf16"}})
+    code = (
+        "import json, sys\n"
+        "from align.config.recipe import recipe_from_dict\n"
+        "from align.runner import run_recipe\n"
+        "records = run_recipe(recipe_from_dict(json.loads(sys.argv[1])), log=lambda *_: None)\n"
+        "assert 'torch' not in sys.modules, 'the runner imported torch'\n"
+        "print(json.dumps(records))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(data)], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = json.loads(done.stdout.strip().splitlines()[-1])
+    assert [r["stage"] for r in records] == ["sft", "sft_bf16"]
+    assert all(r["metrics"]["steps"] == 2 for r in records)
+    assert records[1]["metrics"]["train_loss_first"] != records[0]["metrics"]["train_loss_first"]
+    # every stage's metrics are floats in result.json (SFT's step and token counts were ints)
+    assert all(type(v) is float for r in records for v in r["metrics"].values())
+    assert records[1]["artifacts"] == {"policy": str(tmp_path / "runs/t/round_1/sft_bf16/model")}
+
+
+def test_a_bad_row_found_by_a_stage_is_reported_with_file_line_and_field(tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    data = tiny_sft_recipe(tmp_path)
+    data["stages"][0]["data"] = {"paths": [str(bad)]}
+    with pytest.raises(StageFailed) as err:
+        run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    assert err.value.user_error and err.value.stage == "sft"
+    assert f"{bad}:1: field 'messages'" in str(err.value)
+    assert not (tmp_path / "runs" / "t" / "round_1" / "sft" / "result.json").exists()
