@@ -1,6 +1,7 @@
 """Rounds, cross-round references, and skipping: a rerun redoes only what changed and what depends on it."""
 
 import copy
+import json
 
 import pytest
 
@@ -52,8 +53,9 @@ def test_round_two_starts_from_previous_rounds_model(tmp_path):
     records, ran, _ = _run(_recipe(tmp_path, rounds=2))
     assert ran == [(1, "a"), (1, "b"), (1, "c"), (2, "a"), (2, "b"), (2, "c")]
     by = {(r["round"], r["stage"]): r for r in records}
-    log = (tmp_path / "runs/t/round_2/a/metrics.jsonl").read_text()
-    assert log  # trained
+    rows = [json.loads(x) for x in (tmp_path / "runs/t/round_2/a/metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "train/loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) == by[(2, "a")]["metrics"]["steps"]  # trained
     # round 2's a starts where round 1's b ended: its first loss is far below round 1's from-scratch loss
     assert by[(2, "a")]["metrics"]["train_loss_first"] < by[(1, "a")]["metrics"]["train_loss_first"] - 0.1
     # c does not depend on anything, but each round reruns it with that round's seed
