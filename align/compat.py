@@ -20,7 +20,7 @@ def cache_kwarg(model, cache) -> dict:
     is a release whose models take ``cache``."""
     import inspect
 
-    forward = type(model).forward
-    if "cache" in inspect.signature(forward).parameters:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes kwargs on
+    if "cache" in inspect.signature(type(base).forward).parameters:
         return {"cache": cache}
     return {"past_key_values": cache}

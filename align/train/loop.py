@@ -208,7 +208,7 @@ def train(
         if done % cfg.log_every == 0 or done == len(plan):
             logger.log(done, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}")
+                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)  # drawn at tqdm's interval
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
             checkpoints.save(done, {"tokens": tokens_seen, "first_loss": first_loss})

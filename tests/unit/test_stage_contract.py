@@ -38,7 +38,8 @@ def test_every_config_module_imports_on_its_own():
 
 
 def test_one_registry_every_kind_names_a_module_with_run():
-    assert set(STAGE_BY_KIND) == {"sft", "dpo", "reward_model", "rejection_sampling", "evaluate", "model_average"}
+    assert set(STAGE_BY_KIND) == {"sft", "dpo", "reward_model", "rejection_sampling", "evaluate", "model_average",
+                                  "ppo"}
     for kind, cls in STAGE_BY_KIND.items():
         assert importlib.util.find_spec(cls.runs_in) is not None, kind
         assert set(cls.produces) <= set(Artifact), kind

@@ -1,0 +1,96 @@
+"""The PPO stage passes each of its settings to the math: a test here fails if the stage ignores one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from align.config.ppo import PPOStage
+from align.config.specs import ModelSpec
+from align.models.loading import build_tiny_model
+from align.rl.advantages import gae, kl_penalized_rewards, masked_whiten
+from align.train.ppo import PolicyAndValue, eos_penalized, make_loss_fn, token_logps
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1}
+
+
+def stage(**kw) -> PPOStage:
+    base = {"name": "ppo", "model": {"path": "builtin:tiny", "tiny": TINY}, "reward": {"function": "gold"},
+            "prompts": {"builtin": "world"}, "rollout_batch_size": 4, "train": {"batch_size": 2}}
+    return PPOStage(**{**base, **kw})
+
+
+def test_missing_eos_penalty_adds_or_replaces():
+    scores, no_eos = torch.tensor([0.5, -0.2, 1.0]), torch.tensor([False, True, True])
+    assert torch.equal(eos_penalized(scores, no_eos, None, "add"), scores)
+    assert torch.allclose(eos_penalized(scores, no_eos, -1.0, "add"), torch.tensor([0.5, -1.2, 0.0]))
+    assert torch.allclose(eos_penalized(scores, no_eos, -1.0, "replace"), torch.tensor([0.5, -1.0, -1.0]))
+
+
+@pytest.fixture(scope="module")
+def batch():
+    from align.models.reward import seq_cls_from_causal
+    from align.rl.rollout import Rollout
+
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY)
+    policy, old = build_tiny_model(spec, 262, seed=0), build_tiny_model(spec, 262, seed=1)
+    model = PolicyAndValue(policy, seq_cls_from_causal(old, seed=2)).eval()
+    g = torch.Generator().manual_seed(0)
+    sequences = torch.randint(0, 250, (3, 9), generator=g)
+    attention_mask = torch.ones(3, 9, dtype=torch.bool)
+    response_mask = torch.zeros(3, 9, dtype=torch.bool)
+    response_mask[0, 4:9] = response_mask[1, 5:8] = response_mask[2, 3:9] = True
+    attention_mask[1, 8] = False
+    with torch.no_grad():
+        old_logits, old_values = PolicyAndValue(old, seq_cls_from_causal(old, seed=3))(sequences, attention_mask)
+    old_logps = token_logps(old_logits, sequences, 1.0) * response_mask
+    values = old_values * response_mask
+    advantages = torch.randn(3, 9, generator=g) * response_mask
+    returns = torch.randn(3, 9, generator=g) * response_mask
+    rollout = Rollout(sequences, attention_mask, response_mask, old_logps, old_logps, values,
+                      torch.zeros(3), advantages=advantages, returns=returns)
+    return model, rollout
+
+
+def test_loss_uses_cliprange_vf_coef_and_temperature(batch):
+    from align.losses.ppo import policy_loss, value_loss
+
+    model, rollout = batch
+    results = {}
+    for name, kw in {"base": {}, "clip": {"cliprange": 0.05}, "vclip": {"cliprange_value": 0.01},
+                     "vf": {"vf_coef": 0.7}, "temp": {"sampling": {"temperature": 0.5}}}.items():
+        s = stage(**kw)
+        loss, stats = make_loss_fn(s)(model, rollout)
+        logits, values = model(rollout.sequences, rollout.attention_mask)
+        logps = token_logps(logits, rollout.sequences, s.sampling.temperature)
+        pg, _ = policy_loss(logps, rollout.logps, rollout.advantages, rollout.response_mask, s.cliprange)
+        vf, _ = value_loss(values, rollout.values, rollout.returns, rollout.response_mask, s.cliprange_value)
+        assert loss.item() == pytest.approx((pg + s.vf_coef * vf).item(), rel=1e-6)
+        results[name] = loss.item()
+    assert len({round(v, 6) for v in results.values()}) == len(results)  # each setting moved the loss
+
+
+def test_rewards_advantages_follow_kl_coef_estimator_gamma_lam_and_whitening():
+    # the arithmetic the stage's _rollout runs, with each setting changed in turn
+    from align.train import ppo
+
+    g = torch.Generator().manual_seed(1)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 2:6] = mask[1, 1:4] = True
+    logps, ref = -torch.rand(2, 6, generator=g) * mask, -torch.rand(2, 6, generator=g) * mask
+    values, scores = torch.randn(2, 6, generator=g) * mask, torch.tensor([1.0, -0.5])
+    seen = set()
+    for kw in ({}, {"kl_coef": 0.3}, {"kl_estimator": "k3"}, {"gamma": 0.9}, {"lam": 0.5},
+               {"whiten_advantages": False}):
+        s = stage(**kw)
+        _, _, adv, ret = ppo.advantages_of(scores, logps, ref, values, mask, s.kl_coef, s)
+        rewards, _ = kl_penalized_rewards(scores, logps, ref, mask, s.kl_coef, s.kl_estimator)
+        expected_adv, expected_ret = gae(rewards, values, mask, s.gamma, s.lam)
+        if s.whiten_advantages:
+            expected_adv = masked_whiten(expected_adv, mask)
+        assert torch.allclose(adv, expected_adv) and torch.allclose(ret, expected_ret)
+        seen.add(round(float((adv * adv.abs().sqrt()).sum() + ret.sum()), 6))
+    assert len(seen) == 6
