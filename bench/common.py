@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -246,3 +247,45 @@ def write_jsonl(path: str | Path, rows) -> Path:
 def messages_row(record) -> dict:
     """A data_schemas SFTRecord as a TRL conversational row ``{"messages": [...]}`` (system included)."""
     return {"messages": [{"role": m.role, "content": m.content} for m in record.conversation()]}
+
+
+# ---------------------------------------------------------------- pinned peer versions
+
+
+def align_cache() -> Path:
+    """Where pinned side installs live: ``$ALIGN_TEST_CACHE`` or ``~/.cache/align-tests`` (shared by the
+    tests and the benches, so each version is downloaded once)."""
+    return Path(os.environ.get("ALIGN_TEST_CACHE", Path.home() / ".cache" / "align-tests"))
+
+
+def pip_target(name: str, version: str, marker: str, timeout: float = 300) -> Path:
+    """``pip install --no-deps --target`` of ``name==version`` into ``align_cache()/NAME-VERSION``, once.
+
+    The folder is meant for a child process that puts it first on ``sys.path``, so the pinned version
+    never clashes with the one the project itself uses; the project's environment provides the
+    dependencies. ``marker``: a file inside the install (relative to the folder) that proves it is
+    complete. Installs into a temporary folder renamed at the end, so a concurrent run never sees half
+    an install. Raises RuntimeError when pip cannot install it (offline, unknown version)."""
+    cache = align_cache()
+    target = cache / f"{name}-{version}"
+    if (target / marker).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = cache / f"{name}-{version}.partial-{os.getpid()}"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
+           str(partial), f"{name}=={version}"]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"cannot install {name}=={version}: {err}") from err
+    if done.returncode != 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise RuntimeError(f"cannot install {name}=={version}: {done.stderr.strip()[-500:]}")
+    try:
+        partial.rename(target)
+    except OSError:  # another run got there first
+        shutil.rmtree(partial, ignore_errors=True)
+    if not (target / marker).is_file():
+        raise RuntimeError(f"{name}=={version} installed in {target} but {marker} is missing")
+    return target

@@ -179,11 +179,11 @@ def ours_recipe(args, work: Path) -> dict:
 
 
 def run_ours(args, work: Path) -> dict:
-    """The DPO stage through ``run_stage_here``; its reference pass and training loop are wrapped
+    """The DPO stage through ``run_stage`` (in this process); its reference pass and training loop are wrapped
     (observed, not changed) to time them."""
     import align.train.dpo as dpo_stage
     from align.config.recipe import recipe_from_dict
-    from align.runner import run_stage_here
+    from align.runner import run_stage
     from align.train.metrics import read_metrics
 
     recipe = recipe_from_dict(ours_recipe(args, work))
@@ -211,7 +211,7 @@ def run_ours(args, work: Path) -> dict:
     for name in real:
         setattr(dpo_stage, name, timed(name))
     try:
-        result = run_stage_here(recipe, recipe.stages[0], 1, {})
+        result = run_stage(recipe, recipe.stages[0].name, 1, "bench")
     finally:
         for name, fn in real.items():
             setattr(dpo_stage, name, fn)

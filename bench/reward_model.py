@@ -171,11 +171,11 @@ def main(argv=None) -> int:
 
 
 def run_ours(args, work: Path) -> dict:
-    """The reward_model stage through ``run_stage_here``; its training loop is wrapped (observed, not
+    """The reward_model stage through ``run_stage`` (in this process); its training loop is wrapped (observed, not
     changed) to time it and count the records it sees."""
     import align.train.reward_model as rm_stage
     from align.config.recipe import recipe_from_dict
-    from align.runner import run_stage_here
+    from align.runner import run_stage
     from align.train.metrics import read_metrics
 
     init = str(work / "init")
@@ -206,7 +206,7 @@ def run_ours(args, work: Path) -> dict:
 
     rm_stage.train = timed_train
     try:
-        run_stage_here(recipe, recipe.stages[0], 1, {})
+        run_stage(recipe, recipe.stages[0].name, 1, "bench")
     finally:
         rm_stage.train = real_train
     m = probe["m"]

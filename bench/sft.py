@@ -241,14 +241,14 @@ def ours_recipe(args, work: Path) -> dict:
 
 
 def run_ours(args, work: Path) -> dict:
-    """The SFT stage through ``run_stage_here``. Its training loop (``align.train.loop.train``, imported
+    """The SFT stage through ``run_stage`` (in this process). Its training loop (``align.train.loop.train``, imported
     by the stage module) is wrapped to observe it: a clock around it and at every step (``on_step``), and
     a count of the examples its batches hold. Nothing it computes is changed."""
     import time
 
     import align.train.sft as sft_stage
     from align.config.recipe import recipe_from_dict
-    from align.runner import run_stage_here
+    from align.runner import run_stage
     from align.train.metrics import read_metrics
 
     recipe = recipe_from_dict(ours_recipe(args, work))
@@ -283,7 +283,7 @@ def run_ours(args, work: Path) -> dict:
     sft_stage.train = observed_train
     try:
         t0 = time.perf_counter()
-        run_stage_here(recipe, stage, 1, {})
+        run_stage(recipe, stage.name, 1, "bench")
         stage_s = time.perf_counter() - t0
     finally:
         sft_stage.train = real_train

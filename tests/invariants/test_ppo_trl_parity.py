@@ -1,10 +1,11 @@
 """Parity of our PPO math with TRL 1.12.0's ``PPOTrainer`` (the last release with ``trl.experimental.ppo``).
 
 TRL 1.12.0 is installed with ``pip install --no-deps --target`` into a cache folder (``$ALIGN_TEST_CACHE``
-or ``~/.cache/align-tests``, then ``trl-1.12.0``) and run in a child process with that folder first on
-``sys.path`` (``trl_ppo_reference.py``), so it never clashes with the project's trl; tensors go through
-safetensors. One batch of 4 responses of 6 tokens (pad 0, EOS 1): EOS in the middle with junk generated
-after it, EOS in the last slot, no EOS (truncated), and EOS alone.
+or ``~/.cache/align-tests``, then ``trl-1.12.0``: ``bench.common.pip_target``, shared with ``bench/ppo.py``)
+and run in a child process with that folder first on ``sys.path`` (``trl_ppo_reference.py``), so it never
+clashes with the project's trl; tensors go through safetensors. One batch of 4 responses of 6 tokens
+(pad 0, EOS 1): EOS in the middle with junk generated after it, EOS in the last slot, no EOS (truncated),
+and EOS alone.
 
 How TRL's tensors map onto ours (ours sit after a 3-token prompt, (B, 3 + 6), to show the layout does not
 matter; TRL's are the response part only):
@@ -24,7 +25,6 @@ matter; TRL's are the response part only):
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +35,9 @@ from safetensors.torch import load_file, save_file
 
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.rl.advantages import gae, kl_penalized_rewards, masked_whiten
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: bench/ is not an installed package
+from bench.common import pip_target  # noqa: E402  (shared with bench/ppo.py)
 
 TRL_VERSION = "1.12.0"
 CHILD = Path(__file__).with_name("trl_ppo_reference.py")
@@ -54,26 +57,10 @@ COMMON = dict(pad_token_id=PAD, eos_token_id=EOS, stop_token_id=EOS, vf_coef=0.1
 
 def trl_folder() -> Path:
     """trl==1.12.0 installed (no deps) in the cache; skip if pip cannot get it."""
-    cache = Path(os.environ.get("ALIGN_TEST_CACHE", Path.home() / ".cache" / "align-tests"))
-    target = cache / f"trl-{TRL_VERSION}"
-    if (target / "trl" / "experimental" / "ppo" / "ppo_trainer.py").is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"trl-{TRL_VERSION}.partial-{os.getpid()}"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
-           str(partial), f"trl=={TRL_VERSION}"]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"cannot install trl=={TRL_VERSION}: {err}")
-    if done.returncode != 0:
-        shutil.rmtree(partial, ignore_errors=True)
-        pytest.skip(f"cannot install trl=={TRL_VERSION}: {done.stderr.strip()[-500:]}")
-    try:
-        partial.rename(target)  # atomic: a concurrent run never sees half an install
-    except OSError:  # another run got there first
-        shutil.rmtree(partial, ignore_errors=True)
-    return target
+        return pip_target("trl", TRL_VERSION, "trl/experimental/ppo/ppo_trainer.py")
+    except RuntimeError as err:
+        pytest.skip(str(err))
 
 
 def make_batch() -> dict[str, torch.Tensor]:
