@@ -4,7 +4,8 @@ The runner only orchestrates; it never imports torch. Every stage runs in a chil
 state (accelerate's, torch's, a model's memory) leaks from one stage into the next:
 
 - one process: forked from a fork server that has imported torch, transformers and the stage modules once
-  (a fresh process per stage for milliseconds, not seconds of imports);
+  (a fresh process per stage for milliseconds, not seconds of imports); it ends the moment the runner
+  does, so a killed run never leaves a stage training on;
 - ``launch.num_processes > 1``: ``torchrun`` (or ``accelerate launch`` with the stage's config) of
   ``python -m align.runner``.
 
@@ -130,10 +131,11 @@ def _user_error(err: BaseException) -> bool:
     return isinstance(err, (StageInputError, DataError))
 
 
-def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env: dict, threads, conn) -> None:
+def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env: dict, threads, conn,
+                   parent_alive) -> None:
     """Target of a one-process stage's child: the environment and thread count of the parent, then
     :func:`run_stage`; reports ``None`` or ``(user_error, message)`` through ``conn``."""
-    _die_with_parent()
+    _die_with_parent(parent_alive)
     os.environ.clear()
     os.environ.update(env)
     if threads:
@@ -152,15 +154,20 @@ def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env:
     conn.send(None)
 
 
-def _die_with_parent() -> None:
-    """Linux: end this process when its parent (the fork server, which ends with the run) does."""
-    try:
-        import ctypes
-        import signal
+def _die_with_parent(parent_alive) -> None:
+    """End this process the moment the runner that started it dies (``kill -9`` included): the runner
+    holds the only write end of ``parent_alive``, so a read returns EOF exactly then. Without this a
+    killed run would leave its stage training on, writing checkpoints, beside the rerun."""
+    import threading
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    def watch():
+        try:
+            parent_alive.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+
+    threading.Thread(target=watch, name="align-parent-watch", daemon=True).start()
 
 
 _FORKSERVER = None
@@ -183,10 +190,13 @@ def _run_child(recipe_file: Path, stage, round_: int, fp: str) -> None:
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     mp = _fork_context()
     receive, send = mp.Pipe(duplex=False)
+    alive_read, alive_write = mp.Pipe(duplex=False)  # never written: closes when this process ends
     proc = mp.Process(target=_stage_process, name=f"align-{stage.name}",
-                      args=(str(recipe_file), stage.name, round_, fp, dict(os.environ), threads, send))
+                      args=(str(recipe_file), stage.name, round_, fp, dict(os.environ), threads, send,
+                            alive_read))
     proc.start()
     send.close()
+    alive_read.close()
     try:
         outcome = receive.recv()
     except EOFError:
@@ -196,6 +206,7 @@ def _run_child(recipe_file: Path, stage, round_: int, fp: str) -> None:
         if proc.is_alive():
             proc.terminate()
             proc.join()
+        alive_write.close()
     if outcome is not None:
         user_error, message = outcome
         if proc.exitcode and proc.exitcode < 0:

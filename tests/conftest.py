@@ -49,3 +49,47 @@ def tiny_sft_recipe(tmp_path: Path, **train) -> dict:
                       "optim": {"lr": 3e-3, "warmup_ratio": 0.0}, **train},
         }],
     }
+
+
+class GradRecorder:
+    """Optimizer stand-in: ``step()`` keeps a copy of every trainable parameter's gradient (zeros where
+    there is none), nothing is updated."""
+
+    def __init__(self, params):
+        self.params = [p for p in params if p.requires_grad]
+        self.grads = None
+
+    def step(self):
+        import torch
+
+        self.grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None
+
+
+class ConstantLR:
+    """Scheduler stand-in."""
+
+    def get_last_lr(self):
+        return [0.0]
+
+    def step(self):
+        pass
+
+
+def fixed_logps_module(values):
+    """A module standing in for ``TokenLogps``: returns ``values`` (the per-token log-probs) whatever the
+    input."""
+    from torch import nn
+
+    class FixedLogps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.values = values
+
+        def forward(self, *inputs):
+            return self.values
+
+    return FixedLogps()

@@ -52,3 +52,29 @@ def test_a_bad_row_found_by_a_stage_is_reported_with_file_line_and_field(tmp_pat
     assert err.value.user_error and err.value.stage == "sft"
     assert f"{bad}:1: field 'messages'" in str(err.value)
     assert not (tmp_path / "runs" / "t" / "round_1" / "sft" / "result.json").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_no_stage_training(tmp_path):
+    import signal
+    import time
+
+    import yaml
+
+    data = tiny_sft_recipe(tmp_path, max_steps=100000, log_every=1)
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(data))
+    runner = subprocess.Popen([sys.executable, "-m", "align.cli", "run", str(recipe_file)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs/t/round_1/sft/metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert runner.poll() is None and time.monotonic() < deadline, "the stage never started training"
+        time.sleep(0.05)
+    runner.send_signal(signal.SIGKILL)
+    runner.wait(timeout=30)
+    time.sleep(0.5)  # the stage's process notices within milliseconds
+    rows = len(metrics.read_text().splitlines())
+    time.sleep(2.0)
+    assert len(metrics.read_text().splitlines()) == rows, "the stage kept training after its runner died"

@@ -16,33 +16,15 @@ from align.models.logps import TokenLogps
 from align.train.loop import train
 from align.train.metrics import MetricsLogger
 from align.train.sft import scored_tokens, sft_loss
+from tests.conftest import ConstantLR, GradRecorder
 
 MAX_LENGTH = 64
 PACK_ROW = 128  # packed rows hold 2-3 examples, so attention must not cross examples inside a row
 N_EXAMPLES = 8
 
 
-class GradRecorder:
-    """Optimizer stand-in: ``step()`` keeps a copy of every gradient, nothing is updated."""
-
-    def __init__(self, params):
-        self.params = list(params)
-        self.grads: list[torch.Tensor] | None = None
-
-    def step(self):
-        self.grads = [p.grad.detach().clone() for p in self.params]
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p in self.params:
-            p.grad = None
 
 
-class ConstantLR:
-    def get_last_lr(self):
-        return [0.0]
-
-    def step(self):
-        pass
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from align.train.loop import train
 from align.train.metrics import MetricsLogger
 from align.train.reward_model import prompts_in
 from data_schemas import parse_record
+from tests.conftest import ConstantLR, GradRecorder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,27 +45,8 @@ def records():
     return out
 
 
-class GradRecorder:
-    """Optimizer stand-in: ``step()`` keeps a copy of every gradient, nothing is updated."""
-
-    def __init__(self, params):
-        self.params = [p for p in params if p.requires_grad]
-        self.grads = None
-
-    def step(self):
-        self.grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in self.params]
-
-    def zero_grad(self, set_to_none: bool = True):
-        for p in self.params:
-            p.grad = None
 
 
-class ConstantLR:
-    def get_last_lr(self):
-        return [0.0]
-
-    def step(self):
-        pass
 
 
 def step_grads(tmp_path, model, make_batch, loss_fn, units, micro: int, label: str) -> torch.Tensor:

@@ -3,7 +3,6 @@ the stage's loss keeps the termination token in the NLL."""
 
 import pytest
 import torch
-from torch import nn
 
 from align.data.builtin import chat_preference_records
 from align.data.chat import EOT, build_byte_tokenizer, formatting_token_ids
@@ -15,6 +14,7 @@ from align.data.preference import (
 )
 from align.train.dpo import make_loss_fn
 from data_schemas import parse_record
+from tests.conftest import fixed_logps_module
 
 RECORD = parse_record({
     "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
@@ -85,22 +85,13 @@ def test_chat_preference_records_are_valid_and_ranked():
     assert all(r.responses[0].content != r.responses[2].content for r in records)
 
 
-class FixedLogps(nn.Module):
-    """Stands in for TokenLogps: returns the given per-token log-probs whatever the input."""
-
-    def __init__(self, values):
-        super().__init__()
-        self.values = values
-
-    def forward(self, *inputs):
-        return self.values
 
 
 def test_stage_loss_keeps_termination_token_in_nll(tok):
     ex, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 512, "best_worst")  # "4<eot>" vs "22<eot>"
     batch = collate_pairs([ex], tok.pad_token_id, ref_logps=[[0.0, 0.0]])
     values = torch.tensor([-1.0, -3.0, -0.5, -0.5, -2.0])  # chosen: 4, eot; rejected: 2, 2, eot
-    loss, m = make_loss_fn(beta=1.0, nll_weight=1.0, label_smoothing=0.0)(FixedLogps(values), batch)
+    loss, m = make_loss_fn(beta=1.0, nll_weight=1.0, label_smoothing=0.0)(fixed_logps_module(values), batch)
     assert m["nll"].item() == pytest.approx((1.0 + 3.0) / 2)  # termination token in the NLL
     assert m["logps/chosen"].item() == pytest.approx(-1.0)  # ... but not in the DPO sum
     assert m["logps/rejected"].item() == pytest.approx(-1.0)

@@ -15,12 +15,12 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from align.data.chat import EOT, START_HEADER, build_byte_tokenizer, formatting_token_ids
 from align.data.preference import collate_pairs, tokenize_preference
 from align.train.dpo import make_loss_fn
 from data_schemas import parse_record
+from tests.conftest import fixed_logps_module
 
 RECORD = parse_record({"prompt": "2+2?", "responses": ["4", "five", "22"]}, "preference")
 VALUES = torch.tensor([-1.0, -3.0, -0.5, -0.5, -2.0])
@@ -37,13 +37,6 @@ def pref_term(beta: float, h: float, eps: float) -> float:
     return (1 - eps) * softplus(-beta * h) + eps * softplus(beta * h)
 
 
-class FixedLogps(nn.Module):
-    def __init__(self, values):
-        super().__init__()
-        self.values = values
-
-    def forward(self, *inputs):
-        return self.values
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +53,7 @@ def batch_with(tok, formatting_ids):
 @pytest.mark.parametrize("beta,nll_weight,eps", [(0.1, 0.0, 0.0), (0.4, 0.3, 0.2), (2.0, 1.0, 0.1), (1.0, 0.2, 0.0)])
 def test_loss_by_hand_for_each_setting(tok, beta, nll_weight, eps):
     batch = batch_with(tok, formatting_token_ids(tok))
-    loss, m = make_loss_fn(beta=beta, nll_weight=nll_weight, label_smoothing=eps)(FixedLogps(VALUES), batch)
+    loss, m = make_loss_fn(beta=beta, nll_weight=nll_weight, label_smoothing=eps)(fixed_logps_module(VALUES), batch)
     want = pref_term(beta, H_MASKED, eps) + nll_weight * NLL
     assert loss.item() == pytest.approx(want, abs=1e-6)
     assert m["dpo"].item() == pytest.approx(pref_term(beta, H_MASKED, eps), abs=1e-6)
@@ -76,7 +69,7 @@ def test_each_setting_moves_the_loss(tok):
 
     def loss(**kw):
         args = {"beta": 0.1, "nll_weight": 0.2, "label_smoothing": 0.0, **kw}
-        return make_loss_fn(**args)(FixedLogps(VALUES), batch)[0].item()
+        return make_loss_fn(**args)(fixed_logps_module(VALUES), batch)[0].item()
 
     base = loss()
     assert base == pytest.approx(softplus(-0.15) + 0.4, abs=1e-6)
@@ -96,7 +89,7 @@ def test_formatting_mask_keeps_termination_token_out_of_dpo_sums(tok):
         "off": (frozenset(), H_UNMASKED, -4.0, -3.0),
     }
     for name, (ids, h, chosen, rejected) in cases.items():
-        loss, m = fn(FixedLogps(VALUES), batch_with(tok, ids))
+        loss, m = fn(fixed_logps_module(VALUES), batch_with(tok, ids))
         assert m["logps/chosen"].item() == pytest.approx(chosen), name
         assert m["logps/rejected"].item() == pytest.approx(rejected), name
         assert loss.item() == pytest.approx(softplus(-h), abs=1e-6), name
