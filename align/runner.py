@@ -178,7 +178,10 @@ def _fork_context():
     global _FORKSERVER
     if _FORKSERVER is None:
         _FORKSERVER = multiprocessing.get_context("forkserver")
-        modules = ["torch", "transformers", "accelerate", "align.runner"]
+        modules = ["torch", "transformers", "accelerate", "align.runner",
+                   # imported lazily on first use, about 3.5 s a stage if each stage paid for them
+                   "transformers.models.llama.modeling_llama", "transformers.models.auto.modeling_auto",
+                   "accelerate.utils", "peft", "safetensors.torch", "torch.utils.tensorboard"]
         _FORKSERVER.set_forkserver_preload(modules + sorted({cls.runs_in for cls in STAGE_TYPES}))
     return _FORKSERVER
 

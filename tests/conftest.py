@@ -93,3 +93,20 @@ def fixed_logps_module(values):
             return self.values
 
     return FixedLogps()
+
+
+def run_in_one_process(data: dict, output_dir: Path) -> list[dict]:
+    """``align run`` of a one-process recipe, from this (test) process: its stages get their own processes
+    from the runner's warm fork server, one intra-op thread each (as ``OMP_NUM_THREADS=1`` would give),
+    without paying a CLI start and a fork server of their own."""
+    import torch
+
+    from align.config.recipe import recipe_from_dict
+    from align.runner import run_recipe
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run_recipe(recipe_from_dict({**data, "output_dir": str(output_dir)}), log=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)

@@ -13,6 +13,7 @@ import align.stages.rejection_sampling as rs
 from align.config.base import Artifact
 from align.config.recipe import recipe_from_dict
 from align.runner import run_recipe, run_stage
+from tests.conftest import run_in_one_process
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1}
@@ -100,9 +101,12 @@ def test_two_processes_write_the_same_records_as_one(tmp_path):
         data = recipe(tmp_path / f"p{n}", launch={"num_processes": n})
         path = tmp_path / f"p{n}.yaml"
         path.write_text(yaml.safe_dump(data))
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run([sys.executable, "-m", "align.cli", "run", str(path)], check=True, env=env,
-                       capture_output=True, timeout=300)
+        if n == 1:
+            run_in_one_process(data, tmp_path / f"p{n}" / "runs")
+        else:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            subprocess.run([sys.executable, "-m", "align.cli", "run", str(path)], check=True, env=env,
+                           capture_output=True, timeout=300)
         out = tmp_path / f"p{n}" / "runs/t/round_1/rs"
         outputs.append((rows(out / "sft.jsonl"), rows(out / "pairs.jsonl")))
         if n == 2:

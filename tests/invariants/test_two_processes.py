@@ -13,6 +13,8 @@ import pytest
 import torch
 import yaml
 
+from tests.conftest import run_in_one_process
+
 pytestmark = pytest.mark.slow
 
 STEPS = 4
@@ -62,6 +64,9 @@ def child_env() -> dict:
 
 
 def run_align(tmp_path: Path, label: str, data: dict) -> Path:
+    if data["stages"][0]["launch"]["num_processes"] == 1:
+        run_in_one_process(data, tmp_path / label)
+        return tmp_path / label / data["name"] / "round_1" / "sft"
     recipe_file = tmp_path / f"{label}.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     out = tmp_path / label
