@@ -32,7 +32,15 @@ from pathlib import Path
 from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
 from align.config.registry import STAGE_TYPES
-from align.runtime import StageContext, StageFailed, StageInputError, StageResult, read_result, write_result
+from align.runtime import (
+    StageContext,
+    StageFailed,
+    StageInputError,
+    StageResult,
+    StageStopped,
+    read_result,
+    write_result,
+)
 
 VERSION = "0.2.0"  # part of every fingerprint: results of an older contract are recomputed
 
@@ -128,7 +136,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
 def _user_error(err: BaseException) -> bool:
     from data_schemas import DataError
 
-    return isinstance(err, (StageInputError, DataError))
+    return isinstance(err, (StageInputError, StageStopped, DataError))
 
 
 def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env: dict, threads, conn,

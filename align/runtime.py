@@ -15,6 +15,10 @@ class StageInputError(ValueError):
     """A stage's inputs cannot be found or used."""
 
 
+class StageStopped(RuntimeError):
+    """A stage stopped for a reason its message tells the user how to fix (e.g. training diverged)."""
+
+
 class StageFailed(RuntimeError):
     """A stage's process ended with an error. ``user_error``: bad input (the message says what), not a bug."""
 

@@ -8,9 +8,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
-    """Base for every config model: unknown keys are errors, fields are validated on assignment."""
+    """Base for every config model: unknown keys are errors, fields are validated on assignment, and no
+    number may be inf or nan (``lr: .inf`` used to train an all-NaN model)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              allow_inf_nan=False)
 
 
 class TinyModelConfig(Strict):

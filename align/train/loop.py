@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from align.config.specs import TrainConfig
+from align.runtime import StageStopped
 from align.train.metrics import MetricsLogger
 
 Plan = list[list[list[int]]]  # step -> micro-batch -> example indices
@@ -147,6 +148,7 @@ def optimizer_step(
     if max_grad_norm is not None:
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm))
     lr = scheduler.get_last_lr()[0]
+    _check_finite(accelerator, loss_sum, grad_norm, lr)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -159,6 +161,22 @@ def optimizer_step(
     metrics["tokens"] = tokens
     metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
     return metrics
+
+
+class TrainingDiverged(StageStopped):
+    """The loss or the gradient stopped being finite: the step is not taken and nothing is saved."""
+
+
+def _check_finite(accelerator, loss_sum: float, grad_norm: float | None, lr: float) -> None:
+    """Stop before the optimizer applies a non-finite update (on every process alike)."""
+    bad = not math.isfinite(loss_sum) or (grad_norm is not None and not math.isfinite(grad_norm))
+    if accelerator.num_processes > 1:
+        bad = global_sum(accelerator, float(bad)) > 0
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged: loss {loss_sum:.4g}, gradient norm {grad_norm} at learning rate {lr:.3g}; "
+            "lower train.optim.lr (or check the data for empty targets)"
+        )
 
 
 def progress_bar(accelerator, total: int, initial: int, desc: str):
@@ -199,8 +217,11 @@ def train(
     t_start = time.perf_counter()
     for step in range(start, len(plan)):
         batches = [make_batch(group) for group in plan[step][rank * accum : (rank + 1) * accum]]
-        metrics = optimizer_step(accelerator, model, optimizer, scheduler, batches, loss_fn, units,
-                                 cfg.optim.max_grad_norm)
+        try:
+            metrics = optimizer_step(accelerator, model, optimizer, scheduler, batches, loss_fn, units,
+                                     cfg.optim.max_grad_norm)
+        except TrainingDiverged as err:
+            raise TrainingDiverged(f"[{desc}] step {step + 1}/{len(plan)}: {err}") from None
         tokens_seen += metrics.pop("tokens")
         first_loss = metrics["loss"] if first_loss is None else first_loss
         last_loss = metrics["loss"]

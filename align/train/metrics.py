@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -35,7 +36,7 @@ class MetricsLogger:
             return
         row = {"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")  # NaN is not JSON
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
@@ -54,3 +55,7 @@ def read_metrics(out_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+def _finite_or_null(row: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}

@@ -78,3 +78,26 @@ def test_a_killed_run_leaves_no_stage_training(tmp_path):
     rows = len(metrics.read_text().splitlines())
     time.sleep(2.0)
     assert len(metrics.read_text().splitlines()) == rows, "the stage kept training after its runner died"
+
+
+def test_a_diverging_stage_stops_with_the_step_and_saves_nothing(tmp_path):
+    data = tiny_sft_recipe(tmp_path, max_steps=6, log_every=1)
+    data["stages"][0]["train"]["optim"] = {"lr": 1.0e30, "warmup_ratio": 0.0, "max_grad_norm": None}
+    with pytest.raises(StageFailed) as err:
+        run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    message = str(err.value)
+    assert err.value.user_error and "training diverged" in message and "lower train.optim.lr" in message
+    assert "step " in message and "/6" in message
+    stage = tmp_path / "runs/t/round_1/sft"
+    assert not (stage / "result.json").exists() and not (stage / "model").exists()
+    for line in (stage / "metrics.jsonl").read_text().splitlines():  # still JSON: no bare NaN/Infinity
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in metrics.jsonl"))
+
+
+def test_inf_and_nan_settings_are_rejected_at_validation(tmp_path):
+    from align.config.recipe import RecipeError
+
+    for value in (".inf", ".nan"):
+        with pytest.raises(RecipeError) as err:
+            recipe_from_dict(tiny_sft_recipe(tmp_path), [f"sft.train.optim.lr={value}"])
+        assert err.value.problems[0].startswith("stages[sft].train.optim.lr: Input should be a finite number")
