@@ -110,7 +110,8 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
         if (r, earlier.name) == (round_, stage_name):
             stage = earlier
             break
-        _, history.setdefault(r, {})[earlier.name] = read_result(stage_dir(recipe, r, earlier.name))
+        _, history.setdefault(r, {})[earlier.name] = read_result(stage_dir(recipe, r, earlier.name),
+                                                                   recipe.run_dir)
     else:
         raise KeyError(f"no stage '{stage_name}' in round {round_}")
     out = stage_dir(recipe, round_, stage.name)
@@ -129,7 +130,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
         raise RuntimeError(f"the {stage.kind} stage did not write its declared output(s): {', '.join(missing)}")
     result.artifacts = {kind: str(out / rel) for kind, rel in ctx.outputs.items()}
     result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None}
-    write_result(out, result, fp)
+    write_result(out, result, fp, recipe.run_dir)
     return result
 
 
@@ -254,7 +255,7 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
         fps = all_fps.setdefault(round_, {})
         out = stage_dir(recipe, round_, stage.name)
         fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
-        old_fp, result = read_result(out)
+        old_fp, result = read_result(out, run_dir)
         t0 = time.perf_counter()
         skipped = old_fp == fp
         if skipped:
@@ -267,7 +268,7 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
             marker.write_text(json.dumps({"fingerprint": fp, "kind": stage.kind}))
             log(f"[round {round_}] {stage.name} ({stage.kind}): running")
             _run_child(resolved, stage, round_, fp)
-            _, result = read_result(out)
+            _, result = read_result(out, run_dir)
             if result is None:
                 raise StageFailed(stage.name, round_, "it ended without writing result.json")
             worked = True

@@ -32,12 +32,29 @@ class StageResult:
     artifacts: dict[Artifact, str] = field(default_factory=dict)  # artifact type -> path
     metrics: dict[str, float] = field(default_factory=dict)  # flat name -> number
 
-    def to_json(self) -> dict:
-        return {"artifacts": {str(k): v for k, v in self.artifacts.items()}, "metrics": self.metrics}
+    def to_json(self, root: Path | None = None) -> dict:
+        """Artifact paths inside ``root`` (the run folder) are written relative to it, so a run folder
+        that is moved or copied still finds its own artifacts."""
+        return {"artifacts": {str(k): _relative(v, root) for k, v in self.artifacts.items()},
+                "metrics": self.metrics}
 
     @classmethod
-    def from_json(cls, data: dict) -> StageResult:
-        return cls({Artifact(k): v for k, v in data.get("artifacts", {}).items()}, data.get("metrics", {}))
+    def from_json(cls, data: dict, root: Path | None = None) -> StageResult:
+        artifacts = {Artifact(k): _absolute(v, root) for k, v in data.get("artifacts", {}).items()}
+        return cls(artifacts, data.get("metrics", {}))
+
+
+def _relative(path: str, root: Path | None) -> str:
+    if root is None:
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:  # outside the run folder: kept as it is
+        return path
+
+
+def _absolute(path: str, root: Path | None) -> str:
+    return path if root is None or Path(path).is_absolute() else str(Path(root) / path)
 
 
 @dataclass
@@ -101,19 +118,21 @@ def _pick(ref: str, result: StageResult, kinds: tuple[Artifact, ...]) -> str:
     raise StageInputError(f"stage '{ref}' produced {has}; expected {' or '.join(map(str, kinds))}")
 
 
-def write_result(out_dir: Path, result: StageResult, fingerprint: str) -> None:
+def write_result(out_dir: Path, result: StageResult, fingerprint: str, root: Path | None = None) -> None:
+    """``result.json``, written atomically; artifact paths relative to ``root`` (the run folder)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "result.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fingerprint, **result.to_json()}, indent=1))
+    tmp.write_text(json.dumps({"fingerprint": fingerprint, **result.to_json(root)}, indent=1))
     tmp.replace(out_dir / "result.json")
 
 
-def read_result(out_dir: Path) -> tuple[str | None, StageResult | None]:
+def read_result(out_dir: Path, root: Path | None = None) -> tuple[str | None, StageResult | None]:
+    """-> (fingerprint, result) of ``out_dir/result.json``; relative artifact paths resolved under ``root``."""
     path = out_dir / "result.json"
     if not path.exists():
         return None, None
     data = json.loads(path.read_text())
     try:
-        return data.get("fingerprint"), StageResult.from_json(data)
+        return data.get("fingerprint"), StageResult.from_json(data, root)
     except ValueError:  # written by an older version with other artifact names: run the stage again
         return None, None

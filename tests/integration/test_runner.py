@@ -101,3 +101,21 @@ def test_inf_and_nan_settings_are_rejected_at_validation(tmp_path):
         with pytest.raises(RecipeError) as err:
             recipe_from_dict(tiny_sft_recipe(tmp_path), [f"sft.train.optim.lr={value}"])
         assert err.value.problems[0].startswith("stages[sft].train.optim.lr: Input should be a finite number")
+
+
+def test_a_moved_run_folder_reads_its_own_artifacts(tmp_path):
+    import shutil
+
+    data = tiny_sft_recipe(tmp_path, max_steps=1)
+    first = data["stages"][0]
+    data["stages"].append({**first, "name": "sft2", "model": {"from": "sft"}})
+    run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    result = json.loads((tmp_path / "runs/t/round_1/sft/result.json").read_text())
+    assert result["artifacts"] == {"policy": "round_1/sft/model"}  # relative to the run folder
+    shutil.move(tmp_path / "runs", tmp_path / "moved")  # the old location is gone
+    data["output_dir"] = str(tmp_path / "moved")
+    data["stages"][1]["train"] = {**first["train"], "max_steps": 2}  # sft2 changed: it reruns, sft does not
+    records = run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    assert [r["skipped"] for r in records] == [True, False]
+    assert records[0]["artifacts"]["policy"] == str(tmp_path / "moved/t/round_1/sft/model")
+    assert records[1]["metrics"]["steps"] == 2
