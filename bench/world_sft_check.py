@@ -116,9 +116,10 @@ def main(argv=None) -> int:
     if align_main(["run", str(recipe), *args.overrides]) != 0:
         return 1
     train_s = time.perf_counter() - t0
-    result = json.loads((work / "runs" / "world_sft_check" / "round_1" / "sft" / "result.json").read_text())
+    run_dir = work / "runs" / "world_sft_check"
+    result = json.loads((run_dir / "round_1" / "sft" / "result.json").read_text())
     # step 2: greedy decoding on held-out and training-split prompts, judged by the gold judges
-    generate = make_generate(result["artifacts"]["policy"], args.batch_size)
+    generate = make_generate(str(run_dir / result["artifacts"]["policy"]), args.batch_size)  # run-relative
     held_out = eval_prompt_records(args.eval_prompts, args.seed)
     t1 = time.perf_counter()
     metrics = evaluate_policy(generate, held_out)

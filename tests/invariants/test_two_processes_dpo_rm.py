@@ -68,8 +68,8 @@ def weights(stage_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     result = json.loads((stage_dir / "result.json").read_text())
-    (folder,) = [Path(p) for p in result["artifacts"].values() if (Path(p) / "model.safetensors").is_file()]
-    return load_file(folder / "model.safetensors")
+    (relative,) = result["artifacts"].values()  # relative to the run folder, two levels above the stage
+    return load_file(stage_dir.parents[1] / relative / "model.safetensors")
 
 
 @pytest.mark.parametrize("kind", ["dpo", "reward_model"])
