@@ -165,6 +165,45 @@ class StepClock:
 # ---------------------------------------------------------------- child processes
 
 
+class LoopClock(StepClock):
+    """StepClock of an RL loop's iterations (``episodes`` counted), with the memory: at ``start`` the
+    current RSS (CUDA: allocated bytes, after resetting the peak), at every ``mark`` the peak so far."""
+
+    def start(self, **counts) -> None:
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start_mb, self.kind = torch.cuda.memory_allocated() / 2**20, "cuda max_memory_allocated"
+        else:
+            self.start_mb, self.kind = rss_mb(), "process peak RSS (ru_maxrss)"
+        self.peak_mb = self.start_mb
+        super().start(**counts)
+
+    def mark(self, **counts) -> None:
+        super().mark(**counts)
+        if self.device.startswith("cuda"):
+            import torch
+
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self.peak_mb = max_rss_mb()
+
+    def result(self, side: str, warmup: int, **extra) -> dict:
+        if self.steps == 0:
+            raise RuntimeError(f"{side}: the iteration loop was never observed")
+        skip = min(warmup, self.steps - 1)
+        return {
+            "side": side, "device": self.device, "iterations": self.steps, "timed_iterations": self.steps - skip,
+            "episodes": self.count("episodes", skip), "seconds": self.seconds(skip),
+            "episodes_per_s": self.rate("episodes", skip), "episodes_per_s_all": self.rate("episodes"),
+            "iteration_seconds": [round(b[0] - a[0], 3) for a, b in zip(self.marks, self.marks[1:], strict=False)],
+            "start_mb": self.start_mb, "peak_mb": self.peak_mb, "delta_mb": max(0.0, self.peak_mb - self.start_mb),
+            "memory": self.kind, **extra,
+        }
+
+
 def run_side(script: str | Path, argv: Sequence[str], side: str, *, threads: int = 0,
              timeout: float | None = None, echo: bool = False) -> dict:
     """Run ``python script *argv --side side`` in a fresh process; return its last JSON line.

@@ -48,7 +48,6 @@ The last line printed is the JSON result; ``ratio`` = ours / peer episodes per s
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -58,21 +57,17 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    StepClock,
+    LoopClock,
     emit_json,
-    max_rss_mb,
     pick_device,
     pip_target,
     ratio,
     rounded,
-    rss_mb,
     run_side,
     save_tiny_llama,
     write_jsonl,
 )
-
-TRL_VERSION = "1.12.0"
-TRL_MARKER = "trl/experimental/ppo/ppo_trainer.py"
+from bench.ppo_peer import TRL_MARKER, TRL_VERSION, run_peer  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -232,48 +227,6 @@ def main(argv=None) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- both sides: the loop's clock
-
-
-class LoopClock(StepClock):
-    """StepClock of the PPO iterations, with the memory: at ``start`` the current RSS (CUDA: allocated
-    bytes, after resetting the peak), at every ``mark`` the peak so far."""
-
-    def start(self, **counts) -> None:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start_mb, self.kind = torch.cuda.memory_allocated() / 2**20, "cuda max_memory_allocated"
-        else:
-            self.start_mb, self.kind = rss_mb(), "process peak RSS (ru_maxrss)"
-        self.peak_mb = self.start_mb
-        super().start(**counts)
-
-    def mark(self, **counts) -> None:
-        super().mark(**counts)
-        if self.device.startswith("cuda"):
-            import torch
-
-            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            self.peak_mb = max_rss_mb()
-
-    def result(self, side: str, warmup: int, **extra) -> dict:
-        if self.steps == 0:
-            raise RuntimeError(f"{side}: the iteration loop was never observed")
-        skip = min(warmup, self.steps - 1)
-        return {
-            "side": side, "device": self.device, "iterations": self.steps, "timed_iterations": self.steps - skip,
-            "episodes": self.count("episodes", skip), "seconds": self.seconds(skip),
-            "episodes_per_s": self.rate("episodes", skip), "episodes_per_s_all": self.rate("episodes"),
-            "iteration_seconds": [round(b[0] - a[0], 3) for a, b in zip(self.marks, self.marks[1:], strict=False)],
-            "start_mb": self.start_mb, "peak_mb": self.peak_mb, "delta_mb": max(0.0, self.peak_mb - self.start_mb),
-            "memory": self.kind, **extra,
-        }
-
-
 # ---------------------------------------------------------------- side: ours
 
 
@@ -338,84 +291,6 @@ def run_ours(args, work: Path) -> dict:
         stopped=1 - sum(r["train/no_eos_rate"] for r in rows) / len(rows),
         final_score=rows[-1]["train/score"],
     )
-
-
-# ---------------------------------------------------------------- side: peer (TRL 1.12)
-
-
-def run_peer(args, work: Path) -> dict:
-    """TRL 1.12's PPOTrainer on the same checkpoints and prompt ids; ``trainer.train()``'s loop observed by
-    a callback (start: ``on_train_begin``, right before the first iteration; marks: ``on_step_end``, after
-    each iteration's update and log). Response lengths are read by wrapping TRL's ``truncate_response``."""
-    trl_dir = args.trl_dir or str(pip_target("trl", TRL_VERSION, TRL_MARKER))
-    sys.path.insert(0, trl_dir)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    import torch
-    import trl
-    from datasets import Dataset
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-        TrainerCallback,
-    )
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    from trl.experimental.ppo import ppo_trainer as trl_ppo
-
-    if trl.__version__ != TRL_VERSION or not Path(trl.__file__).resolve().is_relative_to(Path(trl_dir).resolve()):
-        raise RuntimeError(f"expected trl {TRL_VERSION} from {trl_dir}, got {trl.__version__} at {trl.__file__}")
-    policy_dir, rm_dir = str(work / "policy"), str(work / "rm")
-    tokenizer = AutoTokenizer.from_pretrained(policy_dir, padding_side="left")
-    policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id  # finished rows padded, not eos-filled
-    ref_policy = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32)
-    value_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
-    reward_model = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
-    rows = [json.loads(line) for line in (work / "prompt_ids.jsonl").read_text().splitlines()]
-    dataset = Dataset.from_list(rows)
-    device = pick_device()
-    config = PPOConfig(
-        output_dir=str(work / "trl_out"), seed=args.seed, report_to="none", save_strategy="no",
-        logging_steps=1, num_sample_generations=0, dataloader_num_workers=0,
-        bf16=False, fp16=False, gradient_checkpointing=False,
-        total_episodes=args.iterations * args.rollout_batch,
-        per_device_train_batch_size=args.rollout_batch, gradient_accumulation_steps=1,
-        num_mini_batches=args.rollout_batch // args.minibatch, num_ppo_epochs=args.ppo_epochs,
-        local_rollout_forward_batch_size=args.gen_batch, response_length=args.max_new_tokens,
-        stop_token="eos", temperature=args.temperature, missing_eos_penalty=None,
-        kl_coef=args.kl_coef, kl_estimator="k1", whiten_rewards=False, cliprange=0.2, cliprange_value=0.2,
-        vf_coef=0.1, gamma=1.0, lam=0.95,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, optim="adamw_torch",
-    )
-    clock = LoopClock(device)
-    lengths: list[torch.Tensor] = []
-    stopped: list[torch.Tensor] = []
-
-    class Clock(TrainerCallback):
-        def on_train_begin(self, args_, state, control, **kw):
-            clock.start(episodes=0)
-
-        def on_step_end(self, args_, state, control, **kw):
-            clock.mark(episodes=state.episode)
-
-    real_truncate = trl_ppo.truncate_response
-
-    def truncate_response(stop_token_id, pad_token_id, responses):
-        out = real_truncate(stop_token_id, pad_token_id, responses)
-        lengths.append(trl_ppo.first_true_indices(out == pad_token_id))  # tokens up to the stop, included
-        stopped.append((out == stop_token_id).any(dim=1))
-        return out
-
-    trl_ppo.truncate_response = truncate_response
-    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=ref_policy,
-                         reward_model=reward_model, train_dataset=dataset, value_model=value_model,
-                         callbacks=[Clock()])
-    trainer.train()
-    trl_ppo.truncate_response = real_truncate
-    scores = [h["objective/scores"] for h in trainer.state.log_history if "objective/scores" in h]
-    return clock.result("peer", args.warmup, response_tokens=float(torch.cat(lengths).float().mean()),
-                        stopped=float(torch.cat(stopped).float().mean()), final_score=scores[-1])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,19 @@ def as_messages(prompt: Any) -> list[dict]:
     return [m if isinstance(m, dict) else {"role": m.role, "content": m.content} for m in messages]
 
 
+def is_world_prompts(prompts: Sequence[Any]) -> bool:
+    """Whether the prompts (records or message lists) are the built-in world's, which its gold judge reads
+    (checked on the first 20)."""
+    from rewards.gold import read_prompt
+
+    try:
+        for p in prompts[:20]:
+            read_prompt(as_messages(p))
+        return True
+    except ValueError:
+        return False
+
+
 def evaluate_policy(
     generate: Generate,
     prompts: Sequence[Any],

@@ -32,23 +32,12 @@ def _load(spec: ModelSpec, path: str, seed: int):
     return model.to(device).eval(), tokenizer
 
 
-def _is_world(prompts) -> bool:
-    from rewards.gold import read_prompt
-
-    try:
-        for p in prompts[:20]:
-            read_prompt(p)
-        return True
-    except ValueError:
-        return False
-
-
 def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec | None = None,
              reference_path: str | None = None, reference_spec: ModelSpec | None = None,
              reward_models: dict[str, str] | None = None, sampling: SamplingParams | None = None,
              backend: str = "hf", gold: str = "auto", seed: int = 0) -> tuple[dict, list[str]]:
     """-> (metrics, responses). Runs one model at a time, so peak memory is one model."""
-    from eval.world_eval import as_messages, world_metrics
+    from eval.world_eval import as_messages, is_world_prompts, world_metrics
 
     spec = spec or ModelSpec(path=policy_path)
     sampling = sampling or SamplingParams(temperature=0.0, max_new_tokens=64, batch_size=32)
@@ -60,7 +49,7 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
     responses = [s[0].text for s in generator.sample(convs, 1, sampling)]
     metrics: dict[str, float] = {}
     # step 2: gold judge
-    if gold == "on" or (gold == "auto" and _is_world(convs)):
+    if gold == "on" or (gold == "auto" and is_world_prompts(convs)):
         metrics.update(world_metrics(convs, responses))
     metrics["response_length"] = sum(len(r) for r in responses) / max(len(responses), 1)
     # step 3: KL to the reference

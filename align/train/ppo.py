@@ -44,6 +44,7 @@ from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from eval.world_eval import is_world_prompts
 
 
 class PolicyAndValue(nn.Module):
@@ -92,6 +93,13 @@ def make_loss_fn(stage: PPOStage):
     return loss_fn
 
 
+def kl_controller(stage: PPOStage):
+    """The KL coefficient's controller: adaptive (Ziegler et al.) when ``adaptive_kl`` is set, else fixed."""
+    if stage.adaptive_kl is None:
+        return FixedKLController(stage.kl_coef)
+    return AdaptiveKLController(stage.kl_coef, stage.adaptive_kl.target, stage.adaptive_kl.horizon)
+
+
 def eos_penalized(scores: torch.Tensor, no_eos: torch.Tensor, penalty: float | None, mode: str) -> torch.Tensor:
     """(B,) scores with the penalty for responses that ended without the termination token (``no_eos``
     (B,) bool): added to the score (``add``) or in place of it (``replace``); unchanged when None."""
@@ -130,7 +138,7 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     if len(prompts) < stage.rollout_batch_size:
         raise ValueError(f"stage '{stage.name}': {len(prompts)} prompts, fewer than rollout_batch_size "
                          f"({stage.rollout_batch_size})")
-    world_prompts = stage.report_gold and _is_world(prompts)
+    world_prompts = stage.report_gold and is_world_prompts(prompts)
     # step 4
     model = PolicyAndValue(lm, value_model)
     mb_per_process = cfg.batch_size * cfg.grad_accum
@@ -139,8 +147,7 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     scheduler = build_scheduler(optimizer, cfg.optim, stage.iterations * steps_per_iteration)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
-    kl_ctl = (AdaptiveKLController(stage.kl_coef, stage.adaptive_kl.target, stage.adaptive_kl.horizon)
-              if stage.adaptive_kl else FixedKLController(stage.kl_coef))
+    kl_ctl = kl_controller(stage)
     key = hashlib.sha256(stage.model_dump_json().encode()).hexdigest()[:16]
     checkpoints = Checkpoints(accelerator, Path(ctx.out_dir) / "checkpoints", key, cfg.keep_checkpoints)
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
@@ -319,6 +326,7 @@ def _iteration_metrics(step_metrics, rollout: Rollout, raw_scores, scores, no_eo
     keys = [k for k in step_metrics[0] if k not in ("lr",)]
     out = {k: sum(m[k] for m in step_metrics) / len(step_metrics) for k in keys}
     out["lr"] = step_metrics[-1]["lr"]
+    out["optimizer_steps"] = len(step_metrics)
     n = max(global_sum(accelerator, len(samples)), 1)
     out["score"] = global_sum(accelerator, float(scores.sum())) / n
     out["score_raw"] = global_sum(accelerator, float(raw_scores.sum())) / n
@@ -332,17 +340,6 @@ def _iteration_metrics(step_metrics, rollout: Rollout, raw_scores, scores, no_eo
     residual = float(masked_mean((rollout.returns - rollout.values) ** 2, mask))
     out["explained_variance"] = 1.0 - residual / var_returns if var_returns > 0 else 0.0
     return out
-
-
-def _is_world(prompts) -> bool:
-    from rewards.gold import read_prompt
-
-    try:
-        for p in prompts[:20]:
-            read_prompt(p.prompt)
-        return True
-    except ValueError:
-        return False
 
 
 def _gold(batch_prompts, texts) -> dict[str, float]:

@@ -46,6 +46,7 @@ def test_ppo_changes_policy_and_value_and_moves_away_from_the_reference(tmp_path
     stage_dir = tmp_path / "runs/t/round_1/ppo"
     history = rows(stage_dir)
     assert [r["step"] for r in history] == [1, 2, 3]
+    assert all(r["train/optimizer_steps"] == 2 * 8 / 4 for r in history)  # ppo_epochs x minibatches
     for r in history:
         for key in ("train/pg_loss", "train/vf_loss", "train/entropy", "train/clipfrac", "train/approx_kl",
                     "train/explained_variance", "train/score", "train/no_eos_rate", "train/gold_helpfulness"):

@@ -94,3 +94,31 @@ def test_rewards_advantages_follow_kl_coef_estimator_gamma_lam_and_whitening():
         assert torch.allclose(adv, expected_adv) and torch.allclose(ret, expected_ret)
         seen.add(round(float((adv * adv.abs().sqrt()).sum() + ret.sum()), 6))
     assert len(seen) == 6
+
+
+def test_kl_controller_follows_adaptive_kl():
+    from align.train.ppo import kl_controller
+
+    fixed = kl_controller(stage(kl_coef=0.3))
+    fixed.update(100.0, 64)
+    assert fixed.value == 0.3
+    adaptive = kl_controller(stage(kl_coef=0.3, adaptive_kl={"target": 1.0, "horizon": 640}))
+    adaptive.update(100.0, 64)  # far above target: error clipped to 0.2, x (1 + 0.2 * 64 / 640)
+    assert adaptive.value == pytest.approx(0.3 * 1.02)
+
+
+def test_value_head_starts_on_the_whitened_reward_scale(tmp_path):
+    import json
+
+    from align.models.reward import seq_cls_from_causal
+    from align.train.ppo import _whiten_value_head
+
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY)
+    (tmp_path / "reward_stats.json").write_text(json.dumps({"mean": -1.0, "std": 4.0, "count": 10}))
+    for reward, expected in (({"helpful": {"path": str(tmp_path)}, "safety": {"path": str(tmp_path)}}, 0.25),
+                             ({"helpful": {"path": str(tmp_path)}, "safety": {"path": str(tmp_path)},
+                               "whiten": False}, 1.0)):
+        value = seq_cls_from_causal(build_tiny_model(spec, 262, seed=0), seed=1)
+        before = value.score.weight.detach().clone()
+        _whiten_value_head(value, str(tmp_path), stage(reward=reward))
+        assert torch.allclose(value.score.weight, before * expected)
