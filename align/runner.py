@@ -10,9 +10,11 @@ state (accelerate's, torch's, a model's memory) leaks from one stage into the ne
   ``python -m align.runner``.
 
 A stage whose ``result.json`` carries the same fingerprint (its config, the seed, its upstream stages'
-fingerprints and the content of its input files) is skipped. A stage folder whose fingerprint differs is
-cleared and the stage rerun; a stage that was interrupted resumes from its latest checkpoint. After a stage
-ends, every artifact its kind declares must exist, or the stage fails.
+fingerprints and the content of its input files) is skipped; a stage that was interrupted resumes from its
+latest checkpoint. A finished stage whose fingerprint differs is rebuilt beside its folder (``NAME.next``)
+and swapped in only when complete, so a rerun that fails or is killed loses no finished result. After a
+stage ends, every artifact its kind declares must exist, or the stage fails. One ``align run`` at a time
+holds a run folder (:mod:`align.run_lock`).
 """
 
 from __future__ import annotations
@@ -99,10 +101,14 @@ def _schedule(recipe: Recipe):
 # -- the stage's own process ---------------------------------------------------------------------------
 
 
-def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageResult:
+def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: Path | None = None) -> StageResult:
     """Run one stage in this process: rebuild what earlier stages wrote from their ``result.json``, call
     the stage kind's ``run(stage, ctx)``, check its declared outputs exist and write its ``result.json``
-    (the main process of a multi-process stage). Earlier stages must have finished."""
+    (the main process of a multi-process stage). Earlier stages must have finished.
+
+    ``work_dir``: where the stage writes (default: its folder). A rerun of a finished stage builds beside
+    it and is swapped in by the runner when complete; ``result.json`` names the artifacts by the paths they
+    will have then."""
     import importlib
 
     history: dict[int, dict[str, StageResult]] = {}
@@ -114,7 +120,8 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
                                                                    recipe.run_dir)
     else:
         raise KeyError(f"no stage '{stage_name}' in round {round_}")
-    out = stage_dir(recipe, round_, stage.name)
+    final = stage_dir(recipe, round_, stage.name)
+    out = Path(work_dir) if work_dir is not None else final
     out.mkdir(parents=True, exist_ok=True)
     produced = stage_outputs(recipe.stages)
     upstream_kinds = {ref: produced.get(ref.removeprefix("prev."), frozenset()) for ref in stage.references()}
@@ -128,7 +135,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str) -> StageRes
     missing = [f"{kind} ({rel})" for kind, rel in ctx.outputs.items() if not (out / rel).exists()]
     if missing:
         raise RuntimeError(f"the {stage.kind} stage did not write its declared output(s): {', '.join(missing)}")
-    result.artifacts = {kind: str(out / rel) for kind, rel in ctx.outputs.items()}
+    result.artifacts = {kind: str(final / rel) for kind, rel in ctx.outputs.items()}
     result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None}
     write_result(out, result, fp, recipe.run_dir)
     return result
@@ -140,8 +147,8 @@ def _user_error(err: BaseException) -> bool:
     return isinstance(err, (StageInputError, StageStopped, DataError))
 
 
-def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env: dict, threads, conn,
-                   parent_alive) -> None:
+def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, work_dir: str, env: dict, threads,
+                   conn, parent_alive) -> None:
     """Target of a one-process stage's child: the environment and thread count of the parent, then
     :func:`run_stage`; reports ``None`` or ``(user_error, message)`` through ``conn``."""
     _die_with_parent(parent_alive)
@@ -152,7 +159,7 @@ def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, env:
 
         torch.set_num_threads(threads)
     try:
-        run_stage(load_recipe(recipe_file), stage_name, round_, fp)
+        run_stage(load_recipe(recipe_file), stage_name, round_, fp, Path(work_dir))
     except BaseException as err:  # noqa: BLE001 (reported to the parent, which raises)
         if not _user_error(err):
             traceback.print_exc()
@@ -195,17 +202,17 @@ def _fork_context():
     return _FORKSERVER
 
 
-def _run_child(recipe_file: Path, stage, round_: int, fp: str) -> None:
+def _run_child(recipe_file: Path, stage, round_: int, fp: str, work_dir: Path) -> None:
     if stage.launch.num_processes > 1:
-        _launch_children(recipe_file, stage, round_, fp)
+        _launch_children(recipe_file, stage, round_, fp, work_dir)
         return
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     mp = _fork_context()
     receive, send = mp.Pipe(duplex=False)
     alive_read, alive_write = mp.Pipe(duplex=False)  # never written: closes when this process ends
     proc = mp.Process(target=_stage_process, name=f"align-{stage.name}",
-                      args=(str(recipe_file), stage.name, round_, fp, dict(os.environ), threads, send,
-                            alive_read))
+                      args=(str(recipe_file), stage.name, round_, fp, str(work_dir), dict(os.environ), threads,
+                            send, alive_read))
     proc.start()
     send.close()
     alive_read.close()
@@ -226,10 +233,10 @@ def _run_child(recipe_file: Path, stage, round_: int, fp: str) -> None:
         raise StageFailed(stage.name, round_, message, user_error)
 
 
-def _launch_children(recipe_file: Path, stage, round_: int, fp: str) -> None:
+def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: Path) -> None:
     n = stage.launch.num_processes
     entry = ["-m", "align.runner", "--recipe", str(recipe_file), "--stage", stage.name, "--round", str(round_),
-             "--fingerprint", fp]
+             "--fingerprint", fp, "--work-dir", str(work_dir)]
     if stage.launch.accelerate_config:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                stage.launch.accelerate_config, "--num_processes", str(n), *entry]
@@ -243,17 +250,97 @@ def _launch_children(recipe_file: Path, stage, round_: int, fp: str) -> None:
 # -- the orchestrator ----------------------------------------------------------------------------------
 
 
+MARKER = "stage.json"  # written by the runner into every stage folder it makes: {"fingerprint", "kind"}
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_stage_folder(folder: Path) -> None:
+    """Delete a folder of the run only if the runner made it (it holds the marker)."""
+    if folder.exists():
+        if _marker(folder) is None and any(folder.iterdir()):
+            raise StageInputError(f"{folder} exists but align did not make it (no {MARKER}); move it away")
+        shutil.rmtree(folder)
+
+
+def _settle_swap(out: Path) -> None:
+    """Finish a swap a killed run left half done: ``NAME.next`` complete and ``NAME`` gone -> move it in;
+    ``NAME.old`` (the replaced result) is removed once ``NAME`` is there again."""
+    staged, old = out.with_name(out.name + ".next"), out.with_name(out.name + ".old")
+    if not out.exists():
+        if (staged / "result.json").exists():
+            staged.rename(out)
+        elif old.exists():
+            old.rename(out)
+    if out.exists() and old.exists():
+        shutil.rmtree(old)
+
+
+def _work_dir(out: Path, fp: str, kind: str) -> Path:
+    """Where a stage that must run writes: its own folder, unless that holds a finished result of another
+    configuration, which stays untouched until the replacement is complete (then :func:`_swap`)."""
+    mark = _marker(out)
+    if mark is not None and mark.get("fingerprint") == fp:
+        return out  # an interrupted run of this very work: resume it
+    if mark is not None and (out / "result.json").exists():
+        work = out.with_name(out.name + ".next")
+        staged = _marker(work)
+        if staged is not None and staged.get("fingerprint") == fp:
+            return work  # an interrupted rebuild of this very work: resume it
+    else:
+        work = out
+    _remove_stage_folder(work)  # an unfinished build of other work
+    work.mkdir(parents=True)
+    (work / MARKER).write_text(json.dumps({"fingerprint": fp, "kind": kind}))
+    return work
+
+
+def _swap(work: Path, out: Path) -> None:
+    """Put a complete rebuild in place of the result it replaces (two renames; see :func:`_settle_swap`)."""
+    if work == out:
+        return
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    out.rename(old)
+    work.rename(out)
+    shutil.rmtree(old)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def run_recipe(recipe: Recipe, log=print) -> list[dict]:
-    """Run every stage of every round, each in its own process; returns the report records."""
+    """Run every stage of every round, each in its own process; returns the report records.
+
+    Holds the run folder's lock throughout (a second run into the same folder stops at once). A stage whose
+    finished result is of another configuration is rebuilt beside it (``NAME.next``) and swapped in only
+    when complete: a failed or killed rerun loses nothing that was finished."""
+    from align.run_lock import run_folder_lock
+
     run_dir = recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with run_folder_lock(run_dir):
+        return _run_locked(recipe, run_dir, log)
+
+
+def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     resolved = run_dir / "resolved.yaml"
-    resolved.write_text(dump_recipe(recipe))
+    running = run_dir / "resolved.running.yaml"  # what this run's stages read; becomes resolved.yaml at the end
+    _write_atomic(running, dump_recipe(recipe))
     records, worked = [], False
     all_fps: dict[int, dict[str, str]] = {}
     for round_, stage in _schedule(recipe):
         fps = all_fps.setdefault(round_, {})
         out = stage_dir(recipe, round_, stage.name)
+        _settle_swap(out)
         fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
         old_fp, result = read_result(out, run_dir)
         t0 = time.perf_counter()
@@ -261,16 +348,15 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
         if skipped:
             log(f"[round {round_}] {stage.name}: up to date, skipped")
         else:
-            marker = out / "stage.json"
-            if out.exists() and (not marker.exists() or json.loads(marker.read_text())["fingerprint"] != fp):
-                shutil.rmtree(out)  # made by another config: start clean
-            out.mkdir(parents=True, exist_ok=True)
-            marker.write_text(json.dumps({"fingerprint": fp, "kind": stage.kind}))
-            log(f"[round {round_}] {stage.name} ({stage.kind}): running")
-            _run_child(resolved, stage, round_, fp)
-            _, result = read_result(out, run_dir)
-            if result is None:
+            work = _work_dir(out, fp, stage.kind)
+            beside = " (beside the finished result of another configuration, swapped in when done)" \
+                if work != out else ""
+            log(f"[round {round_}] {stage.name} ({stage.kind}): running{beside}")
+            _run_child(running, stage, round_, fp, work)
+            if _fp_of(work) != fp:
                 raise StageFailed(stage.name, round_, "it ended without writing result.json")
+            _swap(work, out)
+            _, result = read_result(out, run_dir)
             worked = True
         fps[stage.name] = fp
         records.append({
@@ -280,12 +366,18 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
         })
     if not worked:
         log("nothing to do: every stage is up to date")
+    running.replace(resolved)
     write_report(run_dir, recipe, records)
     return records
 
 
+def _fp_of(folder: Path) -> str | None:
+    fp, _ = read_result(folder)
+    return fp
+
+
 def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
-    (run_dir / "report.json").write_text(json.dumps(records, indent=1))
+    _write_atomic(run_dir / "report.json", json.dumps(records, indent=1))
     keys = sorted({k for r in records for k in r["metrics"]})
     lines = [f"# {recipe.name}", "", "| round | stage | kind | " + " | ".join(keys) + " |",
              "|---|---|---|" + "---|" * len(keys)]
@@ -297,7 +389,7 @@ def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
         lines.append(f"| {r['round']} | {r['stage']} | {r['kind']} | " + " | ".join(cells) + " |")
     lines += ["", "Artifacts:", ""]
     lines += [f"- round {r['round']} {r['stage']}: {a}: `{p}`" for r in records for a, p in r["artifacts"].items()]
-    (run_dir / "report.md").write_text("\n".join(lines) + "\n")
+    _write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
 def _child_main(argv=None) -> None:
@@ -307,8 +399,10 @@ def _child_main(argv=None) -> None:
     p.add_argument("--stage", required=True, help="the stage's name")
     p.add_argument("--round", type=int, default=1, help="the round (1-based)")
     p.add_argument("--fingerprint", required=True, help="written into result.json")
+    p.add_argument("--work-dir", help="where the stage writes (default: its folder in the run)")
     args = p.parse_args(argv)
-    run_stage(load_recipe(args.recipe), args.stage, args.round, args.fingerprint)
+    run_stage(load_recipe(args.recipe), args.stage, args.round, args.fingerprint,
+              Path(args.work_dir) if args.work_dir else None)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Union
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from align.config.checks import check_recipe, suggest
 from align.config.registry import STAGE_BY_KIND, STAGE_TYPES
@@ -31,11 +31,20 @@ class RecipeError(ValueError):
 class Recipe(Strict):
     """A named chain of stages, run in order, optionally repeated for several rounds."""
 
-    name: str = Field(..., pattern=r"^[A-Za-z0-9_\-.]+$", description="run name; outputs go to output_dir/name")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*$",
+                      description="run name (letters, digits, _ - . ; not starting with a dot); outputs go to "
+                      "output_dir/name")
     seed: int = Field(0, description="seed for data order, initialisation and sampling")
     output_dir: str = Field("runs", description="root folder for runs")
     rounds: int = Field(1, gt=0, description="how many times the block of stages is repeated")
     stages: list[Stage] = Field(..., min_length=1, description="stages, run in order")
+
+    @field_validator("output_dir")
+    @classmethod
+    def _no_climbing(cls, v: str) -> str:
+        if ".." in Path(v).parts:
+            raise ValueError(f"'{v}' climbs out with '..'; give an absolute path instead")
+        return v
 
     def stage(self, name: str):
         for s in self.stages:
