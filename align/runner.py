@@ -335,6 +335,10 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     resolved = run_dir / "resolved.yaml"
     running = run_dir / "resolved.running.yaml"  # what this run's stages read; becomes resolved.yaml at the end
     _write_atomic(running, dump_recipe(recipe))
+    for round_, stage in _schedule(recipe):  # before any work: no stage may write where align did not
+        folder = stage_dir(recipe, round_, stage.name)
+        if folder.is_dir() and _marker(folder) is None and any(folder.iterdir()):
+            raise StageInputError(f"{folder} exists but align did not make it (no {MARKER}); move it away")
     records, worked = [], False
     all_fps: dict[int, dict[str, str]] = {}
     for round_, stage in _schedule(recipe):

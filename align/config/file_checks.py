@@ -1,0 +1,130 @@
+"""What is inside the files a recipe names, checked before any work starts (no torch, well under a second
+for the shared data): every row of every data file against its schema, and every local model folder
+(config, weights that are complete, a tokenizer, LoRA targets that exist in the model).
+
+Each function returns problems, one line each, naming the place in the recipe and the file (and the line
+and field where there is one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from pathlib import Path
+
+from data_schemas import DataError, read_jsonl
+
+# the modules of the built-in tiny Llama (transformers' LlamaForCausalLM), for LoRA targets
+TINY_LLAMA_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                "embed_tokens", "lm_head", "score"})
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w\-.]*(/[\w\-.]+)?$")
+
+
+def check_data_file(where: str, path: str, kind: str, skip_bad: bool) -> list[str]:
+    """Every row of ``path`` as a ``kind`` record ('sft', 'preference', 'prompt')."""
+    try:
+        rows = read_jsonl(path, kind, skip_bad=skip_bad)
+    except DataError as err:
+        return [f"{where}: {err}"]
+    if not rows:
+        why = f"all {rows.skipped} rows are bad (first: {rows.errors[0]})" if rows.skipped else "it is empty"
+        return [f"{where}: {path} has no {kind} records: {why}"]
+    return []
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (None when it is): the header must parse and the
+    file must hold every byte the header points to (a truncated copy fails here, not hours later)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                return "shorter than a safetensors header"
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                return "damaged header (length field out of range)"
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as err:
+        return f"unreadable ({err})"
+    ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"truncated: {size} bytes, the header describes {need}"
+    return None
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        return [folder / s for s in shards]
+    return sorted(folder.glob("*.safetensors"))
+
+
+def module_names(folder: Path) -> set[str]:
+    """The module names (last component, e.g. 'q_proj') of the weights in a safetensors folder."""
+    names: set[str] = set()
+    for shard in weight_files(folder):
+        if not shard.is_file() or safetensors_problem(shard):
+            continue
+        with shard.open("rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for key in header:
+            parts = key.split(".")
+            if len(parts) >= 2:
+                names.add(parts[-2])
+    return names
+
+
+def check_model_folder(where: str, folder: Path, has_tokenizer: bool, lora) -> list[str]:
+    """A local HF model folder: ``config.json``, complete weights, a tokenizer (unless the spec names one)
+    and, with LoRA, target modules that exist in it."""
+    if not folder.is_dir():
+        return [f"{where}: {folder} is a file, not a model folder"]
+    problems = []
+    config = folder / "config.json"
+    try:
+        json.loads(config.read_text())
+    except FileNotFoundError:
+        problems.append(f"{where}: {folder} has no config.json (not a Hugging Face model folder)")
+    except (OSError, ValueError) as err:
+        problems.append(f"{where}: {config}: not valid JSON ({err})")
+    shards = weight_files(folder)
+    if not shards and not any(folder.glob("pytorch_model*.bin")):
+        problems.append(f"{where}: {folder} has no weights (*.safetensors)")
+    for shard in shards:
+        if not shard.is_file():
+            problems.append(f"{where}: {shard}: missing (listed in model.safetensors.index.json)")
+        elif (why := safetensors_problem(shard)) is not None:
+            problems.append(f"{where}: {shard}: {why}")
+    if not has_tokenizer and not any((folder / f).is_file() for f in
+                                     ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        problems.append(f"{where}: {folder} has no tokenizer (tokenizer.json); set tokenizer: to one")
+    if lora is not None and not problems:
+        problems += check_lora_targets(f"{where.rsplit('.', 1)[0]}.lora.target_modules", lora.target_modules,
+                                       module_names(folder), str(folder))
+    return problems
+
+
+def check_lora_targets(where: str, targets, modules: set[str], model: str) -> list[str]:
+    if targets == "all-linear" or not modules:
+        return []
+    missing = [t for t in targets if t not in modules]
+    if not missing:
+        return []
+    return [f"{where}: {', '.join(repr(t) for t in missing)} match no module of {model}; "
+            f"it has: {', '.join(sorted(modules))}"]
+
+
+def check_model_path(where: str, path: str, has_tokenizer: bool, lora) -> list[str]:
+    """A model ``path``: a local folder (checked) or a hub id; anything else that does not exist is an
+    error (before this, a missing folder surfaced as the hub's 'Repo id must be in the form ...')."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return check_model_folder(where, local, has_tokenizer, lora)
+    if path.startswith(("/", ".", "~")) or not HUB_ID.match(path):
+        return [f"{where}: no such folder: {path}"]
+    return []  # a hub id: fetched (or found in the hub cache) when the stage loads it
