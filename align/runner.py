@@ -233,6 +233,17 @@ def _run_child(recipe_file: Path, stage, round_: int, fp: str, work_dir: Path) -
         raise StageFailed(stage.name, round_, message, user_error)
 
 
+def _end_with_runner() -> None:
+    """In a launcher child, before exec: the kernel sends it SIGTERM when the runner dies (Linux), and
+    torchrun / accelerate launch stop their workers on SIGTERM. So a killed run leaves no multi-process
+    stage training beside its rerun, as for one-process stages (:func:`_die_with_parent`)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: Path) -> None:
     n = stage.launch.num_processes
     entry = ["-m", "align.runner", "--recipe", str(recipe_file), "--stage", stage.name, "--round", str(round_),
@@ -242,7 +253,7 @@ def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: P
                stage.launch.accelerate_config, "--num_processes", str(n), *entry]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *entry]
-    done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_end_with_runner)
     if done.returncode != 0:
         raise StageFailed(stage.name, round_, f"{n} processes: exit code {done.returncode} (see above)")
 

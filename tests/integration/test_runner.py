@@ -55,13 +55,15 @@ def test_a_bad_row_found_by_a_stage_is_reported_with_file_line_and_field(tmp_pat
 
 
 @pytest.mark.slow
-def test_a_killed_run_leaves_no_stage_training(tmp_path):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_killed_run_leaves_no_stage_training(tmp_path, processes):
     import signal
     import time
 
     import yaml
 
     data = tiny_sft_recipe(tmp_path, max_steps=100000, log_every=1)
+    data["stages"][0]["launch"] = {"num_processes": processes}  # 2: under torchrun
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(data))
     runner = subprocess.Popen([sys.executable, "-m", "align.cli", "run", str(recipe_file)],
@@ -74,7 +76,7 @@ def test_a_killed_run_leaves_no_stage_training(tmp_path):
         time.sleep(0.05)
     runner.send_signal(signal.SIGKILL)
     runner.wait(timeout=30)
-    time.sleep(0.5)  # the stage's process notices within milliseconds
+    time.sleep(0.5 if processes == 1 else 5.0)  # milliseconds; torchrun takes a few seconds to stop its workers
     rows = len(metrics.read_text().splitlines())
     time.sleep(2.0)
     assert len(metrics.read_text().splitlines()) == rows, "the stage kept training after its runner died"
