@@ -24,3 +24,17 @@ def cache_kwarg(model, cache) -> dict:
     if "cache" in inspect.signature(type(base).forward).parameters:
         return {"cache": cache}
     return {"past_key_values": cache}
+
+
+def get_peft_model(model, config):
+    """``peft.get_peft_model`` without the FutureWarning peft 0.21 triggers by reading transformers 5's
+    deprecated ``is_gradient_checkpointing`` property (renamed ``is_activation_checkpointing``; the old
+    name goes in transformers 6). Only that warning is silenced. Remove when the peft floor in
+    pyproject.toml is a release that reads the new name."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return peft.get_peft_model(model, config)

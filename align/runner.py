@@ -142,9 +142,10 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: P
 
 
 def _user_error(err: BaseException) -> bool:
+    from align.config.recipe import RecipeError
     from data_schemas import DataError
 
-    return isinstance(err, (StageInputError, StageStopped, DataError))
+    return isinstance(err, (StageInputError, StageStopped, DataError, RecipeError))
 
 
 def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, work_dir: str, env: dict, threads,
@@ -159,7 +160,7 @@ def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, work
 
         torch.set_num_threads(threads)
     try:
-        run_stage(load_recipe(recipe_file), stage_name, round_, fp, Path(work_dir))
+        run_stage(load_recipe(recipe_file, contents=False), stage_name, round_, fp, Path(work_dir))
     except BaseException as err:  # noqa: BLE001 (reported to the parent, which raises)
         if not _user_error(err):
             traceback.print_exc()
@@ -402,9 +403,32 @@ def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
             v = r["metrics"].get(k)
             cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
         lines.append(f"| {r['round']} | {r['stage']} | {r['kind']} | " + " | ".join(cells) + " |")
+    lines += _retention_table(run_dir, records)
     lines += ["", "Artifacts:", ""]
     lines += [f"- round {r['round']} {r['stage']}: {a}: `{p}`" for r in records for a, p in r["artifacts"].items()]
     _write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def _retention_table(run_dir: Path, records: list[dict]) -> list[str]:
+    """Instruction following by turn for every evaluation with the multi-turn check (Llama 2 Table 30)."""
+    rows = [r for r in records if any(k.startswith("retention/instruction_turn_") for k in r["metrics"])]
+    if not rows:
+        return []
+    turns = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r["metrics"]
+                    if k.startswith("retention/instruction_turn_")})
+    lines = ["", "## Instruction kept over a dialogue (Llama 2 Table 30)", "",
+             "Share of answers that follow the first turn's instruction, by turn; task accuracy over all turns.",
+             "", "| round | stage | " + " | ".join(f"turn {t}" for t in turns) + " | task accuracy |",
+             "|---|---|" + "---|" * (len(turns) + 1)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [f"{m[f'retention/instruction_turn_{t}']:.0%}" if f"retention/instruction_turn_{t}" in m else ""
+                 for t in turns]
+        task = m.get("retention/task_mean")
+        lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + f" | {'' if task is None else f'{task:.0%}'} |")
+    plots = [(r, f"round_{r['round']}/{r['stage']}/retention.png") for r in rows]
+    lines += [""] + [f"![{r['stage']}]({p})" for r, p in plots if (run_dir / p).exists()]
+    return lines
 
 
 def _child_main(argv=None) -> None:
@@ -416,7 +440,7 @@ def _child_main(argv=None) -> None:
     p.add_argument("--fingerprint", required=True, help="written into result.json")
     p.add_argument("--work-dir", help="where the stage writes (default: its folder in the run)")
     args = p.parse_args(argv)
-    run_stage(load_recipe(args.recipe), args.stage, args.round, args.fingerprint,
+    run_stage(load_recipe(args.recipe, contents=False), args.stage, args.round, args.fingerprint,
               Path(args.work_dir) if args.work_dir else None)
 
 

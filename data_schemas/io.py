@@ -236,8 +236,14 @@ def write_jsonl(path: PathLike, records: Iterable[BaseModel | dict[str, Any]]) -
 
 
 def append_jsonl(path: PathLike, record: BaseModel | dict[str, Any]) -> None:
-    """Append one record as a line (for stores that grow); creates parent dirs."""
+    """Append one record as a line (for stores that grow); creates parent dirs. The record starts on a
+    fresh line even when the file ends in a line a kill cut short (that line stays bad on its own)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a", encoding="utf-8") as f:
-        f.write(_dumps(record) + "\n")
+    with open(p, "a+b") as f:
+        prefix = b""
+        if f.tell() > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                prefix = b"\n"
+        f.write(prefix + (_dumps(record) + "\n").encode("utf-8"))

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "user", "assistant"]
@@ -47,6 +55,9 @@ class _Strict(BaseModel):
 class Message(_Strict):
     role: Role
     content: str
+    # Loss weight of an assistant message in SFT data (the convention of chat fine-tuning files): 0 = no
+    # loss on it (context only), 1 = trained on. Absent = trained on, as in TRL's format.
+    weight: int | None = None
 
     @field_validator("content")
     @classmethod
@@ -54,6 +65,31 @@ class Message(_Strict):
         if not v.strip():
             raise _fail("must be a non-empty string")
         return v
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _zero_or_one(cls, v: Any) -> Any:
+        if v is not None and (type(v) is not int or v not in (0, 1)):
+            raise _fail(f"must be 0 or 1, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _weight_on_assistant(self) -> Message:
+        if self.weight is not None and self.role != "assistant":
+            raise _fail(f"only assistant messages carry a weight (this one is '{self.role}')", "weight")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unset_weight(self, handler):
+        data = handler(self)
+        if data.get("weight") is None:
+            data.pop("weight", None)
+        return data
+
+    @property
+    def trained(self) -> bool:
+        """Whether an assistant message is trained on (``weight`` absent or 1)."""
+        return self.role == "assistant" and self.weight != 0
 
 
 def check_turns(messages: list[Message], *, end: Literal["user", "assistant"] | None = None) -> None:

@@ -235,6 +235,22 @@ def sft_records(n: int, seed: int = 0) -> list[SFTRecord]:
     return records
 
 
+def dialogue_records(n: int, seed: int = 0, turns: tuple[int, int] = (2, 8)) -> list[SFTRecord]:
+    """Multi-turn chats of training tasks (``turns`` user turns, uniformly), gold answers, no instruction:
+    the user turns Ghost Attention builds its dialogues from (it replaces the answers)."""
+    rng = random.Random(f"world-dialogues:{seed}")
+    records = []
+    for i in range(n):
+        msgs, families = [], []
+        for _ in range(rng.randint(*turns)):
+            task = sample_task(rng, "train")
+            msgs += [Message(role="user", content=task.prompt),
+                     Message(role="assistant", content=respond(task, "gold", rng))]
+            families.append(task.family)
+        records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "families": families}))
+    return records
+
+
 def strength_of(gap: float) -> str:
     if gap >= 0.75:
         return "significantly_better"

@@ -173,8 +173,9 @@ def format_validation_error(err: ValidationError, data: dict) -> list[str]:
     return lines
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe. Raises RecipeError naming the file and every bad key."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, contents: bool = True) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError naming the file and every bad key.
+    ``contents=False``: do not read the files it names (a run's stages reload the recipe it checked)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(str(path), ["file not found"])
@@ -184,16 +185,17 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise RecipeError(str(path), ["the top level must be a mapping with name and stages"])
-    return recipe_from_dict(data, overrides or [], source=str(path))
+    return recipe_from_dict(data, overrides or [], source=str(path), contents=contents)
 
 
-def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: dict, overrides: list[str] | None = None, source: str = "recipe",
+                     contents: bool = True) -> Recipe:
     data = apply_overrides(data, overrides or [])
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise RecipeError(source, format_validation_error(err, data)) from None
-    problems = check_recipe(recipe.stages, recipe.rounds)
+    problems = check_recipe(recipe.stages, recipe.rounds, contents)
     if problems:
         raise RecipeError(source, problems)
     return recipe

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -113,6 +114,19 @@ class DataSpec(Strict):
     skip_bad_rows: bool = Field(False, description="skip rows that fail validation (count reported)")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction held out for evaluation")
 
+    @field_validator("paths")
+    @classmethod
+    def _no_duplicates(cls, paths: list[str]) -> list[str]:
+        seen: dict[Path, str] = {}
+        for p in paths:
+            resolved = Path(p).expanduser().resolve()
+            if resolved in seen:
+                first = seen[resolved]
+                same = "" if first == p else f" (as '{first}' and '{p}')"
+                raise ValueError(f"lists '{p}' twice{same}; each file is read once: remove the repeat")
+            seen[resolved] = p
+        return paths
+
     @model_validator(mode="after")
     def _one_source(self):
         refs = as_refs(self.from_stage)
@@ -128,12 +142,15 @@ class DataSpec(Strict):
         return self
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+
+
 class OptimConfig(Strict):
     """AdamW with linear warmup then cosine decay."""
 
     lr: float = Field(2e-5, gt=0, description="peak learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    betas: tuple[Beta, Beta] = Field((0.9, 0.95), description="AdamW betas, each in [0, 1)")
     warmup_ratio: float = Field(0.03, ge=0, le=1, description="fraction of steps spent warming up")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr as a fraction of the peak")
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: off)")
@@ -142,8 +159,13 @@ class OptimConfig(Strict):
 class TrainConfig(Strict):
     """The training loop: batch geometry, length, precision, checkpoints and logging."""
 
-    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed)")
-    max_steps: int | None = Field(None, gt=0, description="stop after this many optimizer steps")
+    epochs: float = Field(1.0, gt=0, description="passes over the data (fractions allowed); not used when max_steps is set")
+    max_steps: int | None = Field(
+        None, gt=0,
+        description="train exactly this many optimizer steps, overriding epochs (as HF TrainingArguments does): "
+        "more steps than epochs gives start further passes over the data, fewer stop early; the stage log says "
+        "so and the epochs_trained metric counts the passes",
+    )
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step per process")
     max_length: int = Field(1024, gt=0, description="truncate sequences to this many tokens")

@@ -3,8 +3,9 @@
 ``chat``: short single- and two-turn chats a model of a few million parameters can learn on a CPU in
 a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
 
-``world`` (SFT), ``world_helpful`` / ``world_safety`` / ``world`` (preference) and ``world`` /
-``world_eval`` (prompts): the built-in world with gold judges, see :mod:`eval.world`.
+``world`` and ``world_dialogues`` (2-8 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
+/ ``world_safety`` / ``world`` (preference) and ``world`` / ``world_eval`` (prompts): the built-in world
+with gold judges, see :mod:`eval.world`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import random
 from functools import partial
 
 from data_schemas import Message, PreferenceRecord, SFTRecord
-from eval.world import eval_prompt_records, preference_records, prompt_records, sft_records
+from eval.world import dialogue_records, eval_prompt_records, preference_records, prompt_records, sft_records
 
 _WORDS = (
     "apple river stone cloud tiger lemon piano rocket garden silver window candle forest button "
@@ -78,7 +79,7 @@ def chat_preference_records(n: int, seed: int = 0) -> list[PreferenceRecord]:
     return out
 
 
-BUILTIN_SFT = {"chat": chat_records, "world": sft_records}
+BUILTIN_SFT = {"chat": chat_records, "world": sft_records, "world_dialogues": dialogue_records}
 BUILTIN_PREFERENCE = {  # name -> fn(n, seed) -> list[PreferenceRecord]
     "chat": chat_preference_records,
     "world": world_preference_records,

@@ -41,6 +41,7 @@ class ChatFormatError(ValueError):
 class TokenizedChat:
     input_ids: list[int]
     loss_mask: list[bool]  # True on assistant tokens (content + termination token)
+    cut: int = 0  # tokens cut off the end at max_length
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -82,6 +83,14 @@ def _as_dicts(messages: Sequence) -> list[dict]:
     return out
 
 
+def _role(m) -> str:
+    return m["role"] if isinstance(m, dict) else m.role
+
+
+def _weight(m) -> int | None:
+    return m.get("weight") if isinstance(m, dict) else getattr(m, "weight", None)
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -111,9 +120,13 @@ def tokenize_chat(tokenizer, messages: Sequence, max_length: int | None = None) 
     """Conversation -> token ids and a loss mask that is True on assistant tokens only.
 
     The mask covers each assistant turn's content and its termination token (``<|eot_id|>``), so the
-    model learns to stop; headers, system and user turns are excluded. Truncates to ``max_length``.
+    model learns to stop; headers, system and user turns are excluded, and so are assistant turns with
+    ``weight: 0`` (context only, e.g. the earlier turns of a Ghost Attention dialogue). Truncates to
+    ``max_length`` (``cut``: how many tokens that removed).
     """
     text, spans = assistant_char_spans(tokenizer, messages)
+    trained = [_weight(m) != 0 for m in messages if _role(m) == "assistant"]
+    spans = [span for span, keep in zip(spans, trained, strict=True) if keep]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     mask = [False] * len(ids)
@@ -123,9 +136,11 @@ def tokenize_chat(tokenizer, messages: Sequence, max_length: int | None = None) 
             k += 1
         if k < len(spans) and spans[k][0] <= start < spans[k][1]:
             mask[t] = True
+    cut = 0
     if max_length is not None and len(ids) > max_length:
+        cut = len(ids) - max_length
         ids, mask = ids[:max_length], mask[:max_length]
-    return TokenizedChat(list(ids), mask)
+    return TokenizedChat(list(ids), mask, cut)
 
 
 def tokenize_prompt(tokenizer, messages: Sequence) -> list[int]:

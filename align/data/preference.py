@@ -11,6 +11,11 @@ AND its id is in the formatting-token set. With the Llama 3 template that is exa
 ``<|eot_id|>``; a content token with the same id is never masked. If a template rewrites the content so
 that it cannot be found verbatim in the rendered text, the whole response is treated as template text
 and the mask falls back to the ids alone (counted in ``PreferenceData.id_fallbacks``).
+
+Hygiene, counted in :class:`PreferenceData`: a pair whose two responses have the same token ids (as the
+model sees them: tokenized and cut to ``max_length``) carries no preference (its DPO loss is log 2 whatever
+the weights), so it is dropped (``identical_pairs``); a record left with no pair is dropped with it.
+Responses cut at ``max_length`` are counted (``truncated``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class PreferenceExample:
     responses: list[list[int]]  # token ids of each kept response (content + termination token)
     dpo_masks: list[list[bool]]  # per response: True where the token counts in the DPO log-prob sums
     pairs: list[tuple[int, int]]  # (chosen, rejected) indices into ``responses``
+    truncated: int = field(default=0, compare=False)  # responses cut at max_length
 
 
 @dataclass
@@ -44,6 +50,13 @@ class PreferenceData:
     examples: list[PreferenceExample] = field(default_factory=list)
     dropped: int = 0  # records whose prompt alone fills max_length
     id_fallbacks: int = 0  # responses whose content span was not found (id-only masking)
+    truncated: int = 0  # responses cut at max_length (in the records kept)
+    identical_pairs: int = 0  # pairs whose two responses have the same ids (dropped: no signal)
+    identical_records: int = 0  # records dropped because every pair of theirs was identical
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(len(ex.pairs) for ex in self.examples)
 
 
 def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
@@ -97,7 +110,7 @@ def tokenize_preference(
 
     Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped)."""
     keep, pair_idx = select_pairs(len(record.responses), pairs)
-    prompt_ids, responses, masks, fallbacks = None, [], [], 0
+    prompt_ids, responses, masks, fallbacks, truncated = None, [], [], 0, 0
     for k in keep:
         p_ids, r_ids, template = tokenize_response(tokenizer, record.prompt, record.responses[k])
         if prompt_ids is None:
@@ -110,7 +123,25 @@ def tokenize_preference(
             return None, fallbacks
         responses.append(r_ids[:room])
         masks.append([not (t and i in formatting_ids) for i, t in zip(r_ids[:room], template[:room], strict=True)])
-    return PreferenceExample(prompt_ids, responses, masks, pair_idx), fallbacks
+        truncated += len(r_ids) > room
+    return PreferenceExample(prompt_ids, responses, masks, pair_idx, truncated), fallbacks
+
+
+def drop_identical_pairs(example: PreferenceExample) -> tuple[PreferenceExample | None, int]:
+    """-> (the example without its pairs of identical responses (None when no pair is left), how many
+    pairs were dropped). Responses no kept pair uses are dropped too."""
+    pairs = [(c, r) for c, r in example.pairs if example.responses[c] != example.responses[r]]
+    dropped = len(example.pairs) - len(pairs)
+    if not dropped:
+        return example, 0
+    if not pairs:
+        return None, dropped
+    used = sorted({i for pair in pairs for i in pair})
+    new = {old: k for k, old in enumerate(used)}
+    return PreferenceExample(
+        example.prompt_ids, [example.responses[i] for i in used], [example.dpo_masks[i] for i in used],
+        [(new[c], new[r]) for c, r in pairs], example.truncated,
+    ), dropped
 
 
 def tokenize_preferences(tokenizer, records, formatting_ids, max_length, pairs) -> PreferenceData:
@@ -120,6 +151,12 @@ def tokenize_preferences(tokenizer, records, formatting_ids, max_length, pairs) 
         data.id_fallbacks += fallbacks
         if example is None:
             data.dropped += 1
+            continue
+        data.truncated += example.truncated
+        example, identical = drop_identical_pairs(example)
+        data.identical_pairs += identical
+        if example is None:
+            data.identical_records += 1
         else:
             data.examples.append(example)
     return data

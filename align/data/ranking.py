@@ -12,13 +12,18 @@ Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metr
 - ``dedup_threshold``: a response whose word-level ``difflib`` similarity to a better-ranked response of
   the same record is at least the threshold is dropped (near-identical answers carry no preference);
   a record left with fewer than 2 responses is dropped.
+
+Identical responses (:func:`tokenize_ranked_records`, both splits): a response whose ids (tokenized and
+truncated, as the model sees them) equal those of a better-ranked response of the same record is dropped,
+so only the pairs between identical responses go (they carry no preference, and tie in the held-out
+accuracy); a record left with fewer than 2 responses is dropped. Truncated prompts and responses are counted.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -103,14 +108,62 @@ class RankedExample:
         return len(self.row.spans)
 
 
+def _encode(tokenizer, record: PreferenceRecord, max_length: int | None, max_prompt_length: int | None):
+    """-> (prompt ids, response ids) truncated, and (prompt truncated, responses truncated)."""
+    encoded = encode_prompt(tokenizer, record.prompt)
+    full = [encode_response(tokenizer, record.prompt, r, encoded) for r in record.responses]
+    prompt_ids, responses = truncate(encoded[1], full, max_length, max_prompt_length)
+    cut = sum(len(a) != len(b) for a, b in zip(full, responses, strict=True))
+    return prompt_ids, responses, (len(prompt_ids) < len(encoded[1]), cut)
+
+
 def tokenize_ranked(
     tokenizer, record: PreferenceRecord, max_length: int | None, max_prompt_length: int | None, margin: MarginSpec
 ) -> RankedExample:
-    encoded = encode_prompt(tokenizer, record.prompt)
-    responses = [encode_response(tokenizer, record.prompt, r, encoded) for r in record.responses]
-    prompt_ids, responses = truncate(encoded[1], responses, max_length, max_prompt_length)
+    prompt_ids, responses, _ = _encode(tokenizer, record, max_length, max_prompt_length)
     return RankedExample(build_row(prompt_ids, responses), record_margin(record, margin), record.strength,
                          record.domain)
+
+
+@dataclass
+class RankedData:
+    examples: list[RankedExample] = field(default_factory=list)
+    records: list[PreferenceRecord] = field(default_factory=list)  # of ``examples``, identical copies removed
+    identical_pairs: int = 0  # pairs of identical responses (dropped)
+    identical_records: int = 0  # records left with fewer than 2 distinct responses (dropped)
+    truncated_prompts: int = 0
+    truncated_responses: int = 0
+
+    @property
+    def num_pairs(self) -> int:
+        return sum(ex.num_responses * (ex.num_responses - 1) // 2 for ex in self.examples)
+
+
+def tokenize_ranked_records(
+    tokenizer, records: Sequence[PreferenceRecord], max_length: int | None, max_prompt_length: int | None,
+    margin: MarginSpec,
+) -> RankedData:
+    """Tokenize ``records`` (:func:`tokenize_ranked`), dropping identical responses (module docstring)."""
+    data = RankedData()
+    for record in records:
+        prompt_ids, responses, (prompt_cut, cut) = _encode(tokenizer, record, max_length, max_prompt_length)
+        data.truncated_prompts += prompt_cut
+        data.truncated_responses += cut
+        keep = []
+        for k, ids in enumerate(responses):
+            same = sum(ids == responses[j] for j in range(k))
+            data.identical_pairs += same
+            if not same:
+                keep.append(k)
+        if len(keep) < 2:
+            data.identical_records += 1
+            continue
+        if len(keep) < len(responses):
+            record = record.model_copy(update={"responses": [record.responses[k] for k in keep]})
+        data.records.append(record)
+        data.examples.append(RankedExample(build_row(prompt_ids, [responses[k] for k in keep]),
+                                           record_margin(record, margin), record.strength, record.domain))
+    return data
 
 
 @dataclass

@@ -21,6 +21,13 @@ def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
     return records
 
 
+def describe_sources(spec: DataSpec, paths: Sequence[str]) -> str:
+    """Where a stage's records came from, for messages: the files read, or the built-in set."""
+    if spec.builtin is not None:
+        return f"the built-in set '{spec.builtin}'"
+    return ", ".join(paths) or "no file"
+
+
 def builtin_records(table: dict, spec: DataSpec, seed: int, what: str) -> list:
     """Generate ``spec.builtin`` from ``table`` (name -> fn(n, seed)), or say which names exist."""
     if spec.builtin not in table:

@@ -91,7 +91,9 @@ def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
 
 
 def apply_lora(model, spec: ModelSpec):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from align.compat import get_peft_model
 
     lora = spec.lora
     config = LoraConfig(

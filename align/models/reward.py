@@ -74,7 +74,9 @@ def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0
         enable_activation_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is not None:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
+
+        from align.compat import get_peft_model
 
         lora = spec.lora
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from align.config.base import PROMPT_SOURCES, Artifact
-from align.config.evaluation import EvaluationStage
+from align.config.evaluation import EvaluationStage, RetentionEval
 from align.config.sampling import SamplingParams
 from align.config.specs import ModelSpec
 from align.data.sources import load_prompts
@@ -35,8 +35,12 @@ def _load(spec: ModelSpec, path: str, seed: int):
 def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec | None = None,
              reference_path: str | None = None, reference_spec: ModelSpec | None = None,
              reward_models: dict[str, str] | None = None, sampling: SamplingParams | None = None,
-             backend: str = "hf", gold: str = "auto", seed: int = 0) -> tuple[dict, list[str]]:
-    """-> (metrics, responses). Runs one model at a time, so peak memory is one model."""
+             backend: str = "hf", gold: str = "auto", seed: int = 0, retention: RetentionEval | None = None,
+             out_dir: str | Path | None = None) -> tuple[dict, list[str]]:
+    """-> (metrics, responses). Runs one model at a time, so peak memory is one model.
+
+    ``retention``: also run the multi-turn instruction-retention evaluation
+    (:func:`align.stages.retention.evaluate_retention`; its files go to ``out_dir``)."""
     from eval.world_eval import as_messages, is_world_prompts, world_metrics
 
     spec = spec or ModelSpec(path=policy_path)
@@ -52,6 +56,13 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
     if gold == "on" or (gold == "auto" and is_world_prompts(convs)):
         metrics.update(world_metrics(convs, responses))
     metrics["response_length"] = sum(len(r) for r in responses) / max(len(responses), 1)
+    metrics["empty_answers"] = float(sum(not r.strip() for r in responses))
+    # step 2b: multi-turn instruction retention (built-in world dialogues, whatever the prompts)
+    if retention is not None:
+        from align.stages.retention import evaluate_retention
+
+        metrics.update(evaluate_retention(generator, retention, model=model, tokenizer=tokenizer,
+                                          batch_size=sampling.batch_size, out_dir=out_dir))
     # step 3: KL to the reference
     if reference_path is not None:
         ref_model, _ = _load(reference_spec or ModelSpec(path=reference_path), reference_path, seed)
@@ -80,6 +91,7 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
         reference_spec=stage.reference,
         reward_models={n: ctx.model_path(s) for n, s in stage.reward_models.items()},
         sampling=stage.sampling, backend=stage.backend, gold=stage.gold, seed=ctx.seed,
+        retention=stage.retention, out_dir=ctx.out_dir,
     )
     # step 3
     write_jsonl(ctx.output(Artifact.SAMPLES), answers(prompts, responses, gold="gold_helpfulness" in metrics))
@@ -88,9 +100,10 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
 
 
 def answers(prompts: list[PromptRecord], responses: list[str], gold: bool) -> list[ScoredSample]:
-    """The answers as scored samples; ``score`` is the gold judge's when the prompts are world prompts."""
+    """The answers as scored samples; ``score`` is the gold judge's when the prompts are world prompts.
+    Blank answers are left out (a sample's response is never empty; ``empty_answers`` counts them)."""
     from rewards.gold import judge
 
     return [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=r),
                          score=judge(p.prompt, r).score if gold else None)
-            for p, r in zip(prompts, responses, strict=True)]
+            for p, r in zip(prompts, responses, strict=True) if r.strip()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -48,3 +49,18 @@ def evaluate_sums(
             sums[k] = sums.get(k, 0.0) + float(v)
     denominator = max(count, 1e-12)
     return {"loss": total / denominator, **{k: v / denominator for k, v in sums.items()}}
+
+
+def plan_epochs(cfg: TrainConfig, plan_steps: int, micro_per_epoch: int, per_step: int) -> tuple[float, str | None]:
+    """-> (passes over the data that ``plan_steps`` optimizer steps of ``per_step`` micro-batches make, with
+    ``micro_per_epoch`` micro-batches in one epoch; a line for the stage log when ``max_steps`` overrode
+    ``epochs`` (None when it did not)). ``by_epochs`` repeats ``align.train.loop.make_plan``'s count."""
+    trained = plan_steps * per_step / micro_per_epoch
+    by_epochs = max(1, math.floor(cfg.epochs * micro_per_epoch) // per_step)
+    if cfg.max_steps is None or cfg.max_steps == by_epochs:
+        return trained, None
+    relation = ">" if cfg.max_steps > by_epochs else "<"
+    return trained, (
+        f"max_steps={cfg.max_steps} {relation} {cfg.epochs:g} epoch{'' if cfg.epochs == 1 else 's'} = "
+        f"{by_epochs} step{'' if by_epochs == 1 else 's'}: training {trained:.2f} epochs (max_steps overrides epochs)"
+    )

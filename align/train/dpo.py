@@ -5,8 +5,10 @@ head runs on response positions only (``TokenLogps``). The reference log-probs a
 training and cached on disk (``align.train.reference``), so training runs the policy only.
 
 Simplifications: records whose prompt alone fills ``max_length`` are dropped (counted in the metrics);
-responses are cut at ``max_length`` (prompt + response). The start-of-training reward accuracy and margin
-are computed with the policy before its first step, i.e. 0 when the reference is the policy's start.
+responses are cut at ``max_length`` (prompt + response; counted). Pairs whose two responses are identical
+(same ids once tokenized and cut) carry no preference: they are dropped, counted and warned about. The
+start-of-training reward accuracy and margin are computed with the policy before its first step, i.e. 0
+when the reference is the policy's start.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
 from align.data.collate import epoch_order, group_by_count
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
+from align.data.sources import describe_sources
 from align.losses.dpo import dpo_loss, response_sums, response_token_counts
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
-from align.runtime import StageContext, StageResult
-from align.train.common import evaluate_sums, load_policy, make_accelerator
+from align.runtime import StageContext, StageInputError, StageResult
+from align.train.common import evaluate_sums, load_policy, make_accelerator, plan_epochs
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -58,25 +61,41 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     # step 2
     lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
     # step 3
-    train_records, eval_records = load_preferences(stage.data, ctx.data_paths(stage.data, (Artifact.PREFERENCES,)), ctx.seed)
+    paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
+    train_records, eval_records = load_preferences(stage.data, paths, ctx.seed)
     formatting = _formatting_ids(tokenizer, stage.formatting_tokens)
     train_data = tokenize_preferences(tokenizer, train_records, formatting, cfg.max_length, stage.pairs)
     eval_data = tokenize_preferences(tokenizer, eval_records, formatting, cfg.max_length, stage.pairs)
     train_ex, eval_ex = train_data.examples, eval_data.examples
+    sources = describe_sources(stage.data, paths)
+    identical = train_data.identical_pairs + eval_data.identical_pairs
+    if identical:
+        all_pairs = identical + train_data.num_pairs + eval_data.num_pairs
+        accelerator.print(
+            f"[{stage.name}] warning: dropped {identical} of {all_pairs} preference pairs whose chosen and rejected "
+            f"responses are identical (once tokenized and cut to max_length={cfg.max_length}; no preference "
+            f"to learn) in {sources}"
+        )
     if not train_ex:
-        raise ValueError(f"stage '{stage.name}': no preference record fits max_length={cfg.max_length}")
+        raise StageInputError(
+            f"stage '{stage.name}': no training pair left in {sources}: of {len(train_records)} training "
+            f"records, {train_data.dropped} have a prompt that fills max_length={cfg.max_length} and "
+            f"{train_data.identical_records} have identical chosen and rejected responses"
+        )
     # step 4
     (train_ref, eval_ref), ref_info = reference_logps(stage, ctx, lm, tokenizer, (train_ex, eval_ex), accelerator)
     # step 5
-    plan = make_plan(
-        lambda epoch: group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size),
-        cfg.epochs, cfg.grad_accum * accelerator.num_processes, cfg.max_steps,
-    )
+    per_step = cfg.grad_accum * accelerator.num_processes
+
+    def epoch_groups(epoch):
+        return group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size)
+
+    plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
+    epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
     model = TokenLogps(lm)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     dtype = next(lm.parameters()).dtype
 
     def batcher(examples, refs):
@@ -106,11 +125,14 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     total, trainable = count_parameters(lm)
     accelerator.print(
         f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval records "
-        f"({sum(len(e.pairs) for e in train_ex)} train pairs, {train_data.dropped + eval_data.dropped} dropped: "
-        f"prompt >= max_length), {len(plan)} steps, {total / 1e6:.2f}M parameters "
-        f"({trainable / 1e6:.2f}M trainable); reference log-probs "
+        f"({train_data.num_pairs} train pairs, {train_data.dropped + eval_data.dropped} records dropped: "
+        f"prompt >= max_length, {train_data.truncated + eval_data.truncated} responses cut at "
+        f"max_length={cfg.max_length}), {len(plan)} steps ({epochs_trained:.2f} epochs), "
+        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); reference log-probs "
         f"{'from cache' if ref_info['ref_cache_hit'] else 'computed'}"
     )
+    if epochs_note:
+        accelerator.print(f"[{stage.name}] {epochs_note}")
     # step 7
     summary = train(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
@@ -124,6 +146,9 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
                "steps": summary.steps, "train_tokens": summary.tokens, **ref_info,
                "dropped_records": float(train_data.dropped + eval_data.dropped),
+               "identical_pairs_dropped": float(identical),
+               "truncated_responses": float(train_data.truncated + eval_data.truncated),
+               "epochs_trained": epochs_trained,
                "mask_id_fallbacks": float(train_data.id_fallbacks + eval_data.id_fallbacks)}
     # the result keeps the headline numbers; metrics.jsonl has all of them (prefixes start/, train/, end/)
     headline = [k for k in end if k.endswith(_HEADLINE)]

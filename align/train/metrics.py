@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from align.io_atomic import append_line, read_json_lines, write_text_atomic
+
 
 class MetricsLogger:
     def __init__(self, out_dir: Path, report_to: list[str], enabled: bool = True, run_name: str = ""):
@@ -25,18 +27,19 @@ class MetricsLogger:
             self._wandb = wandb.init(name=run_name or None, dir=str(out_dir), reinit=True)
 
     def truncate_after(self, step: int) -> None:
-        """Drop lines of steps after ``step`` (they are redone when a run resumes)."""
+        """Drop lines of steps after ``step`` (they are redone when a run resumes), and any line a kill
+        cut short."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        keep = [row for _, row, bad in read_json_lines(self.path)
+                if bad is None and isinstance(row, dict) and row.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
         row = {"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(_finite_or_null(row), allow_nan=False) + "\n")  # NaN is not JSON
+        append_line(self.path, json.dumps(_finite_or_null(row), allow_nan=False))  # NaN is not JSON
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
@@ -54,7 +57,7 @@ def read_metrics(out_dir: Path) -> list[dict]:
     path = Path(out_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return [row for _, row, bad in read_json_lines(path) if bad is None]  # not a line a kill cut short
 
 
 def _finite_or_null(row: dict) -> dict:

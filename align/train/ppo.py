@@ -39,7 +39,7 @@ from align.models.reward_fn import build_reward
 from align.rl.advantages import gae, kl_penalized_rewards, masked_mean, masked_whiten
 from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
-from align.runtime import StageContext, StageResult
+from align.runtime import StageContext, StageInputError, StageResult
 from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
@@ -136,7 +136,7 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     # step 3
     prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, PROMPT_SOURCES), ctx.seed)
     if len(prompts) < stage.rollout_batch_size:
-        raise ValueError(f"stage '{stage.name}': {len(prompts)} prompts, fewer than rollout_batch_size "
+        raise StageInputError(f"stage '{stage.name}': {len(prompts)} prompts, fewer than rollout_batch_size "
                          f"({stage.rollout_batch_size})")
     world_prompts = stage.report_gold and is_world_prompts(prompts)
     # step 4
@@ -146,10 +146,10 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, stage.iterations * steps_per_iteration)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     kl_ctl = kl_controller(stage)
     key = hashlib.sha256(stage.model_dump_json().encode()).hexdigest()[:16]
-    checkpoints = Checkpoints(accelerator, Path(ctx.out_dir) / "checkpoints", key, cfg.keep_checkpoints)
+    checkpoints = Checkpoints(accelerator, Path(ctx.out_dir) / "checkpoints", key, cfg.keep_checkpoints,
+                              stateful={"scheduler": scheduler})
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
     state = checkpoints.resume(stage.name) or {}
     start, first = state.get("step", 0), state.get("first")

@@ -8,7 +8,8 @@ Outputs in ``model/``: an HF ``*ForSequenceClassification`` checkpoint (num_labe
 ``rewards.scoring.RewardScorer`` or plain ``transformers`` load, and ``reward_stats.json`` (mean/std of
 raw scores for whitening, and the truncation settings). ``eval_scores.jsonl``: held-out records with
 their scores. Metrics: training loss, held-out accuracy overall / per strength / per domain, top-1
-accuracy, mean margin (``eval.reward_accuracy``), hygiene counts.
+accuracy, mean margin (``eval.reward_accuracy``), hygiene counts (identical responses dropped, truncated
+prompts and responses, with a warning line for identical responses), epochs trained.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ from align.config.base import Artifact
 from align.config.reward_model import RewardModelStage
 from align.data.collate import epoch_order, group_by_count
 from align.data.preference import load_preferences
-from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked
-from align.data.sources import split_by_prompt
+from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked_records
+from align.data.sources import describe_sources, split_by_prompt
 from align.losses.reward import reward_ranking_loss
 from align.models.inference import no_grad_map
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer
 from align.runtime import StageContext, StageInputError, StageResult
-from align.train.common import make_accelerator
+from align.train.common import make_accelerator, plan_epochs
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -72,7 +73,9 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     dtype = next(rm.parameters()).dtype
     # step 3
     whole = stage.data.model_copy(update={"eval_fraction": 0.0})
-    records, _ = load_preferences(whole, ctx.data_paths(stage.data, (Artifact.PREFERENCES,)), ctx.seed)
+    paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
+    sources = describe_sources(stage.data, paths)
+    records, _ = load_preferences(whole, paths, ctx.seed)
     records = select_domain(records, stage.domain, stage.default_domain)
     train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed)
     train_records, hygiene = apply_hygiene(train_records, stage.min_strength, stage.dedup_threshold)
@@ -82,14 +85,32 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     # step 4
 
     def tokenize(records):
-        return [tokenize_ranked(tokenizer, r, cfg.max_length, max_prompt_length, stage.margin) for r in records]
+        return tokenize_ranked_records(tokenizer, records, cfg.max_length, max_prompt_length, stage.margin)
 
-    train_ex, eval_ex = tokenize(train_records), tokenize(eval_records)
+    train_data, eval_data = tokenize(train_records), tokenize(eval_records)
+    identical = train_data.identical_pairs + eval_data.identical_pairs
+    if identical:
+        all_pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in train_records + eval_records)
+        accelerator.print(
+            f"[{stage.name}] warning: dropped {identical} of {all_pairs} ranked pairs whose two responses are "
+            f"identical (once tokenized and truncated; no preference to learn; the worse-ranked copy goes) in "
+            f"{sources}"
+        )
+    if not train_data.examples:
+        raise StageInputError(f"stage '{stage.name}': no training pair left in {sources}: the responses of each of "
+                              f"the {train_data.identical_records} training records are identical")
+    train_ex, eval_ex, eval_records = train_data.examples, eval_data.examples, eval_data.records
+    hygiene.update(identical_pairs_dropped=float(identical),
+                   truncated_prompts=float(train_data.truncated_prompts + eval_data.truncated_prompts),
+                   truncated_responses=float(train_data.truncated_responses + eval_data.truncated_responses))
     # step 5
-    plan = make_plan(
-        lambda epoch: group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size),
-        cfg.epochs, cfg.grad_accum * accelerator.num_processes, cfg.max_steps,
-    )
+    per_step = cfg.grad_accum * accelerator.num_processes
+
+    def epoch_groups(epoch):
+        return group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size)
+
+    plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
+    epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
 
     def make_train_batch(group):
         return collate_ranked([train_ex[i] for i in group], tokenizer.pad_token_id, dtype).to(accelerator.device)
@@ -104,7 +125,6 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
 
     def held_out():
         scores = score_examples(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, accelerator.device, dtype)
@@ -115,9 +135,11 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     total, trainable = count_parameters(rm)
     accelerator.print(
         f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval records "
-        f"({sum(e.num_responses for e in train_ex)} train responses), {len(plan)} steps, "
-        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); hygiene: {hygiene}"
+        f"({sum(e.num_responses for e in train_ex)} train responses), {len(plan)} steps ({epochs_trained:.2f} "
+        f"epochs), {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); hygiene: {hygiene}"
     )
+    if epochs_note:
+        accelerator.print(f"[{stage.name}] {epochs_note}")
     summary = train(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
         make_batch=make_train_batch, loss_fn=rm_loss, units=prompts_in, cfg=cfg,
@@ -125,7 +147,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     )
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
                "steps": summary.steps, "train_tokens": summary.tokens, "train_records": len(train_ex),
-               "eval_records": len(eval_ex), **hygiene}
+               "eval_records": len(eval_ex), "epochs_trained": epochs_trained, **hygiene}
     # step 7
     out_dir = Path(ctx.out_dir)
     if eval_ex:

@@ -2,6 +2,10 @@
 
 The LM head runs on the scored positions only (see ``align.models.logps``); with ``packing`` the
 examples of a micro-batch are laid end to end in one padding-free row, so no FLOP goes to padding.
+
+Rows longer than ``max_length`` are cut (``truncated_rows``); a row left with no assistant token within
+``max_length`` has nothing to learn and is dropped (``dropped_too_long``); both are counted in the metrics
+and the stage log.
 """
 
 from __future__ import annotations
@@ -10,11 +14,11 @@ from align.config.base import Artifact
 from align.config.sft import SFTStage
 from align.data.chat import tokenize_chat
 from align.data.collate import collate_packed, collate_padded, epoch_order, group_by_count, group_by_tokens
-from align.data.sources import load_sft
+from align.data.sources import describe_sources, load_sft
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
-from align.runtime import StageContext, StageResult
-from align.train.common import evaluate_sums, load_policy, make_accelerator
+from align.runtime import StageContext, StageInputError, StageResult
+from align.train.common import evaluate_sums, load_policy, make_accelerator, plan_epochs
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -40,14 +44,25 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     # step 2
     lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
     # step 3
-    train_records, eval_records = load_sft(
-        stage.data, ctx.data_paths(stage.data, (Artifact.SFT_RECORDS,)), ctx.seed, stage.system_prompt
-    )
+    paths = ctx.data_paths(stage.data, (Artifact.SFT_RECORDS,))
+    train_records, eval_records = load_sft(stage.data, paths, ctx.seed, stage.system_prompt)
     train_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in train_records]
     eval_ex = [tokenize_chat(tokenizer, r.conversation(), cfg.max_length) for r in eval_records]
+    truncated = sum(e.cut > 0 for e in train_ex + eval_ex)
+    n_rows = len(train_ex) + len(eval_ex)
     train_ex = [e for e in train_ex if any(e.loss_mask[1:])]
+    eval_ex = [e for e in eval_ex if any(e.loss_mask[1:])]
+    too_long = n_rows - len(train_ex) - len(eval_ex)
+    if truncated:
+        accelerator.print(
+            f"[{stage.name}] {truncated} of {n_rows} rows cut at max_length={cfg.max_length}; {too_long} of them "
+            "dropped: no assistant token left within max_length"
+        )
     if not train_ex:
-        raise ValueError(f"stage '{stage.name}': no training example has an assistant token within max_length")
+        raise StageInputError(
+            f"stage '{stage.name}': no training row of {describe_sources(stage.data, paths)} has an assistant "
+            f"token within max_length={cfg.max_length}"
+        )
     lengths = [len(e) for e in train_ex]
     # step 4
     token_budget = cfg.batch_size * cfg.max_length
@@ -57,12 +72,13 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
             return group_by_tokens(order, examples_lengths, token_budget)
         return group_by_count(order, cfg.batch_size)
 
-    plan = make_plan(
-        lambda epoch: groups_for(epoch_order(len(train_ex), ctx.seed, epoch), lengths),
-        cfg.epochs,
-        cfg.grad_accum * accelerator.num_processes,
-        cfg.max_steps,
-    )
+    per_step = cfg.grad_accum * accelerator.num_processes
+
+    def epoch_groups(epoch):
+        return groups_for(epoch_order(len(train_ex), ctx.seed, epoch), lengths)
+
+    plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
+    epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
 
     def batch_of(examples):
         if stage.packing:
@@ -77,7 +93,6 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     eval_groups = group_by_count(list(range(len(eval_ex))), cfg.batch_size)
 
     def make_eval_batch(group):
@@ -92,9 +107,11 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
     total, trainable = count_parameters(lm)
     accelerator.print(
-        f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval examples, {len(plan)} steps, "
-        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
+        f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval examples, {len(plan)} steps "
+        f"({epochs_trained:.2f} epochs), {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)"
     )
+    if epochs_note:
+        accelerator.print(f"[{stage.name}] {epochs_note}")
     summary = train(
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
         make_batch=make_train_batch, loss_fn=sft_loss, units=scored_tokens, cfg=cfg,
@@ -103,7 +120,8 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     # step 6
     eval_after = held_out_loss()
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
-               "steps": summary.steps, "train_tokens": summary.tokens}
+               "steps": summary.steps, "train_tokens": summary.tokens, "epochs_trained": epochs_trained,
+               "truncated_rows": float(truncated), "dropped_too_long": float(too_long)}
     if eval_after is not None:
         metrics.update(eval_loss_before=eval_before, eval_loss=eval_after)
         logger.log(summary.steps, {"loss": eval_after}, prefix="eval")

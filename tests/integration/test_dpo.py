@@ -13,6 +13,7 @@ from align.config.specs import ModelSpec
 from align.models.loading import build_tiny_model, load_tokenizer
 from align.models.reference_cache import model_identity
 from align.runner import run_recipe, run_stage
+from align.runtime import StageInputError
 
 TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
         "num_key_value_heads": 1}
@@ -106,6 +107,29 @@ def test_explicit_reference_model_is_loaded(tmp_path):
     m = run(tmp_path, [stage])["dpo"]["metrics"]
     assert m["ref_forward_passes"] == 4
     assert abs(m["train_pairs_reward_margin_start"]) > 1e-3  # policy start != reference
+
+
+def test_identical_pairs_are_dropped_with_a_warning_and_all_identical_is_an_input_error(tmp_path, capsys):
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(path)
+
+    good = [{"prompt": f"Question {i}?", "chosen": f"Answer {i}.", "rejected": "No."} for i in range(6)]
+    same = [{"prompt": f"Same {i}?", "chosen": "Yes.", "rejected": " Yes. "} for i in range(2)]
+    stage = dpo_stage(data={"paths": [write("prefs.jsonl", good + same)]}, metrics_records=4)
+    stage["train"].update(max_steps=1, max_length=64)
+    recipe = recipe_from_dict({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": [stage]})
+    m = run_stage(recipe, "dpo", 1, "fp").metrics  # in this process: its log is captured
+    assert m["identical_pairs_dropped"] == 2 and m["dropped_records"] == 0
+    assert m["truncated_responses"] == 0 and m["epochs_trained"] == 0.5  # 6 records, 4 a step
+    out = capsys.readouterr().out
+    assert "[dpo] warning: dropped 2 of 8 preference pairs whose chosen and rejected responses are identical" in out
+    assert str(tmp_path / "prefs.jsonl") in out
+    stage["data"] = {"paths": [write("same.jsonl", same)]}
+    recipe = recipe_from_dict({"name": "t", "output_dir": str(tmp_path / "runs2"), "stages": [stage]})
+    with pytest.raises(StageInputError, match=r"no training pair left in .*same\.jsonl: .* 2 have identical"):
+        run_stage(recipe, "dpo", 1, "fp")
 
 
 @pytest.mark.slow

@@ -130,3 +130,49 @@ def test_pool_over_previous_rounds_never_keeps_a_worse_answer(tmp_path):
         if key in best1:
             assert r["meta"]["score"] >= best1[key]
     assert records[1]["metrics"]["reward_best_mean"] >= records[0]["metrics"]["reward_best_mean"]
+
+
+@pytest.mark.parametrize("where", ["last line cut short", "middle line damaged"])
+def test_a_record_cut_short_or_damaged_is_generated_again(tmp_path, monkeypatch, where):
+    ref = run_stage(recipe_from_dict(recipe(tmp_path / "clean")), "rs", 1, "fp")
+    data = recipe_from_dict(recipe(tmp_path))
+    run_stage(data, "rs", 1, "fp")
+    store = tmp_path / "runs/t/round_1/rs/store.rank0.jsonl"
+    lines = store.read_bytes().splitlines(keepends=True)
+    assert len(lines) == 4  # 12 prompts in batches of 3
+    if where == "last line cut short":  # killed while appending batch 3's record
+        bad_line = 4
+        store.write_bytes(b"".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
+    else:
+        bad_line = 2
+        store.write_bytes(lines[0] + lines[1][: len(lines[1]) // 2] + b"\n" + b"".join(lines[2:]))
+    calls = []
+    real = rs.make_generator
+
+    def counting(*args, **kwargs):
+        gen = real(*args, **kwargs)
+        inner = gen.sample
+
+        def sample(prompts, k, params):
+            calls.append(len(prompts))
+            return inner(prompts, k, params)
+
+        gen.sample = sample
+        return gen
+
+    monkeypatch.setattr(rs, "make_generator", counting)
+    with pytest.warns(UserWarning, match=rf"store\.rank0\.jsonl:{bad_line}: store record") as caught:
+        result = run_stage(data, "rs", 1, "fp")
+    assert len([w for w in caught if "store record" in str(w.message)]) == 1
+    assert calls == [3]  # that batch only
+    assert result.metrics["samples"] == 12 * 4 and result.metrics["prompts"] == 12
+    assert rows(ref.artifacts[Artifact.SFT_RECORDS]) == rows(result.artifacts[Artifact.SFT_RECORDS])
+    assert rows(ref.artifacts[Artifact.SAMPLES]) == rows(result.artifacts[Artifact.SAMPLES])
+    # the new record is on a line of its own; every batch reads back
+    assert sorted(rs.read_store(store.parent, warn=False)) == [0, 1, 2, 3]
+
+
+def test_a_batch_missing_after_generation_fails_the_stage(tmp_path, monkeypatch):
+    monkeypatch.setattr(rs, "append_line", lambda path, line: None)  # records that never reach the store
+    with pytest.raises(RuntimeError, match=r"batches \[0, 1, 2, 3\] missing from the store"):
+        run_stage(recipe_from_dict(recipe(tmp_path)), "rs", 1, "fp")

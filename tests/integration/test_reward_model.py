@@ -10,7 +10,8 @@ from transformers import AutoModelForSequenceClassification
 
 from align.cli import main
 from align.config.recipe import recipe_from_dict
-from align.runner import run_recipe
+from align.runner import run_recipe, run_stage
+from align.runtime import StageInputError
 from rewards.scoring import RewardScorer
 from tests.conftest import REPO
 
@@ -133,6 +134,22 @@ def test_lora_with_margins_and_hygiene(tmp_path):
     assert (model_dir / "adapter" / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)  # merged, head included
     assert not any("lora" in n for n, _ in model.named_parameters())
+
+
+def test_identical_responses_are_dropped_with_a_warning_and_all_identical_is_an_input_error(tmp_path, capsys):
+    same = [{"prompt": f"Same {i}?", "responses": ["Yes.", "Yes.", "No."]} for i in range(4)]
+    data = write_jsonl(tmp_path / "prefs.jsonl", marker_records(8) + same)
+    recipe = rm_recipe(tmp_path, data, train={"max_steps": 1}, stats_records=0)
+    m = run_stage(recipe_from_dict(recipe), "rm", 1, "fp").metrics  # in this process: its log is captured
+    assert m["identical_pairs_dropped"] == 4 and m["truncated_responses"] == 0
+    assert m["train_records"] + m["eval_records"] == 12 and "epochs_trained" in m
+    out = capsys.readouterr().out
+    assert "[rm] warning: dropped 4 of 36 ranked pairs whose two responses are identical" in out
+    assert str(data) in out
+    data = write_jsonl(tmp_path / "same.jsonl", [{"prompt": f"q{i}", "chosen": "a", "rejected": "a"} for i in range(4)])
+    recipe = rm_recipe(tmp_path, data, train={"max_steps": 1})
+    with pytest.raises(StageInputError, match=r"no training pair left in .*same\.jsonl: the responses of each"):
+        run_stage(recipe_from_dict(recipe), "rm", 1, "fp2")
 
 
 @pytest.mark.slow

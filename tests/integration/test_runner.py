@@ -44,11 +44,14 @@ def test_a_bf16_stage_after_an_fp32_stage_and_the_runner_imports_no_torch(tmp_pa
 
 def test_a_bad_row_found_by_a_stage_is_reported_with_file_line_and_field(tmp_path):
     bad = tmp_path / "chats.jsonl"
-    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    bad.write_text(good + "\n")
     data = tiny_sft_recipe(tmp_path)
     data["stages"][0]["data"] = {"paths": [str(bad)]}
+    recipe = recipe_from_dict(data)  # valid when checked; the file then changes under the run
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(StageFailed) as err:
-        run_recipe(recipe_from_dict(data), log=lambda *_: None)
+        run_recipe(recipe, log=lambda *_: None)
     assert err.value.user_error and err.value.stage == "sft"
     assert f"{bad}:1: field 'messages'" in str(err.value)
     assert not (tmp_path / "runs" / "t" / "round_1" / "sft" / "result.json").exists()
@@ -121,3 +124,11 @@ def test_a_moved_run_folder_reads_its_own_artifacts(tmp_path):
     assert [r["skipped"] for r in records] == [True, False]
     assert records[0]["artifacts"]["policy"] == str(tmp_path / "moved/t/round_1/sft/model")
     assert records[1]["metrics"]["steps"] == 2
+
+
+def test_more_accumulation_than_data_is_a_clear_input_error(tmp_path):
+    data = tiny_sft_recipe(tmp_path, max_steps=2, grad_accum=500)
+    with pytest.raises(StageFailed) as err:
+        run_recipe(recipe_from_dict(data), log=lambda *_: None)
+    assert err.value.user_error  # exit code 2, one line, no traceback
+    assert "one optimizer step needs 500 micro-batches" in str(err.value) and "lower batch_size or grad_accum" in str(err.value)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from align.config.recipe import recipe_from_dict
 from align.data.chat import tokenize_prompt
 from align.models.loading import build_tiny_model, load_tokenizer
-from align.runner import run_recipe
+from align.runner import run_recipe, run_stage
 from tests.conftest import tiny_sft_recipe
 
 
@@ -78,3 +78,22 @@ def test_gradient_checkpointing_runs(tmp_path):
         train={"max_steps": 3},
     )
     assert record["metrics"]["steps"] == 3
+
+
+def test_rows_cut_or_dropped_for_length_and_epochs_past_max_steps_are_reported(tmp_path, capsys, one_thread):
+    def row(user, answer):
+        return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]}
+
+    rows = [row(f"hi {i}", f"ok {i}") for i in range(8)]  # fit max_length=96
+    rows += [row(f"hi {i}", "long answer " * 10) for i in range(4)]  # cut, assistant tokens left: kept
+    rows += [row("long question " * 10, "ok") for i in range(4)]  # no assistant token within 96: dropped
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = tiny_sft_recipe(tmp_path, max_steps=6)
+    recipe["stages"][0].update(data={"paths": [str(data)]}, packing=False)
+    m = run_stage(recipe_from_dict(recipe), "sft", 1, "fp").metrics  # in this process: its log is captured
+    assert m["truncated_rows"] == 8 and m["dropped_too_long"] == 4
+    assert m["epochs_trained"] == 2.0  # 12 rows, 4 a step: 3 steps an epoch
+    out = capsys.readouterr().out
+    assert "[sft] 8 of 16 rows cut at max_length=96; 4 of them dropped: no assistant token left" in out
+    assert "[sft] max_steps=6 > 1 epoch = 3 steps: training 2.00 epochs (max_steps overrides epochs)" in out

@@ -67,6 +67,8 @@ def test_loss_mask_covers_assistant_content_and_eot_only(tok):
 def test_truncation_keeps_mask_aligned(tok):
     chat = tokenize_chat(tok, TWO_TURNS, max_length=40)
     assert len(chat.input_ids) == len(chat.loss_mask) == 40
+    whole = tokenize_chat(tok, TWO_TURNS)
+    assert chat.cut == len(whole) - 40 and whole.cut == 0  # the stage counts truncated rows from it
 
 
 def test_prompt_ends_with_assistant_header(tok):

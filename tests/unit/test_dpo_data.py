@@ -79,6 +79,44 @@ def test_truncation_and_dropped_prompts(tok):
     assert data.examples == [] and data.dropped == 2
 
 
+def test_truncated_responses_are_counted(tok):
+    p = len(tokenize_preference(tok, RECORD, frozenset(), 1000, "adjacent")[0].prompt_ids)
+    assert tokenize_preferences(tok, [RECORD], frozenset(), 1000, "adjacent").truncated == 0
+    # room for 2 response tokens: "4<eot>" fits, "five<eot>" and "22<eot>" are cut
+    data = tokenize_preferences(tok, [RECORD, RECORD], frozenset(), p + 2, "adjacent")
+    assert data.truncated == 4 and data.dropped == 0
+
+
+def pref(responses):
+    return parse_record({"prompt": "q?", "responses": responses}, "preference")
+
+
+def test_identical_pairs_are_dropped_and_counted(tok):
+    records = [
+        pref(["same", "  same "]),  # identical once the template trims the content: the record goes
+        pref(["good", "bad"]),
+        pref(["a", "b", "b", "c"]),  # ranked: only the (b, b) pair goes
+        pref(["x", "y", "x"]),  # best_worst: (x, x)
+    ]
+    data = tokenize_preferences(tok, records, frozenset(), 512, "adjacent")
+    assert data.identical_pairs == 2 and data.identical_records == 1 and data.dropped == 0
+    assert len(data.examples) == 3 and data.num_pairs == 1 + 2 + 2
+    ranked = data.examples[1]
+    assert [tok.decode(r) for r in ranked.responses] == [f"{c}{EOT}" for c in "abbc"]
+    assert ranked.pairs == [(0, 1), (2, 3)]
+    data = tokenize_preferences(tok, records, frozenset(), 512, "best_worst")
+    assert data.identical_pairs == 2 and data.identical_records == 2
+    assert [[tok.decode(r) for r in ex.responses] for ex in data.examples] == [[f"good{EOT}", f"bad{EOT}"],
+                                                                               [f"a{EOT}", f"c{EOT}"]]
+
+
+def test_pairs_identical_after_truncation_are_dropped(tok):
+    record = pref(["abc one", "abc two"])
+    p = len(tokenize_preference(tok, record, frozenset(), 1000, "best_worst")[0].prompt_ids)
+    data = tokenize_preferences(tok, [record], frozenset(), p + 3, "best_worst")
+    assert data.examples == [] and data.identical_pairs == 1 and data.truncated == 2
+
+
 def test_chat_preference_records_are_valid_and_ranked():
     records = chat_preference_records(5, seed=1)
     assert len(records) == 5 and all(len(r.responses) == 3 for r in records)

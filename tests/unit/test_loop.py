@@ -4,7 +4,9 @@ the same update as ``train`` on a fixed plan, and ``Checkpoints`` resumes only i
 from __future__ import annotations
 
 import json
+import shutil
 
+import pytest
 import torch
 
 from align.config.specs import OptimConfig, TrainConfig
@@ -72,14 +74,13 @@ def test_optimizer_step_matches_train_on_the_same_batches(tmp_path):
 
 def test_checkpoints_resume_only_their_own_work(tmp_path):
     acc, model, opt, sched = setup()
-    acc.register_for_checkpointing(sched)
-    Checkpoints(acc, tmp_path, key="plan-a", keep=2).save(3, {"tokens": 7})
+    Checkpoints(acc, tmp_path, key="plan-a", keep=2, stateful={"scheduler": sched}).save(3, {"tokens": 7})
     assert json.loads((tmp_path / "step_0000003" / "loop_state.json").read_text())["key"] == "plan-a"
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     assert Checkpoints(acc, tmp_path, key="plan-b", keep=2).resume("t") is None  # other work: ignored
-    state = Checkpoints(acc, tmp_path, key="plan-a", keep=2).resume("t")
+    state = Checkpoints(acc, tmp_path, key="plan-a", keep=2, stateful={"scheduler": sched}).resume("t")
     assert state["step"] == 3 and state["tokens"] == 7
     acc2, model2, _, _ = setup()
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
@@ -87,3 +88,62 @@ def test_checkpoints_resume_only_their_own_work(tmp_path):
     for step in (4, 5, 6):
         Checkpoints(acc, tmp_path, key="plan-a", keep=2).save(step, {})
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000005", "step_0000006"]
+
+
+def test_the_scheduler_is_kept_as_json_and_nothing_is_registered_for_pickling(tmp_path):
+    acc, model, opt, sched = setup()
+    batches = data()
+    for i in range(3):
+        optimizer_step(acc, model, opt, sched, [batches[i]], loss_fn, units, None)
+    saved = sched.state_dict()
+    Checkpoints(acc, tmp_path, key="k", keep=2, stateful={"scheduler": sched}).save(3, {})
+    folder = tmp_path / "step_0000003"
+    assert not list(folder.glob("custom_checkpoint_*"))
+    state = json.loads((folder / "loop_state.json").read_text())
+    assert state["stateful"]["scheduler"]["last_epoch"] == 3
+    assert not list(folder.glob("*.tmp"))
+    acc2, _, _, sched2 = setup()
+    assert Checkpoints(acc2, tmp_path, key="k", keep=2, stateful={"scheduler": sched2}).resume("t")["step"] == 3
+    assert sched2.state_dict() == saved and sched2.get_last_lr() == sched.get_last_lr()
+    acc2.register_for_checkpointing(sched2)
+    with pytest.raises(ValueError, match="register_for_checkpointing"):
+        Checkpoints(acc2, tmp_path, key="k", keep=2)
+
+
+def test_state_json_round_trip():
+    from align.train.loop import _from_json, _to_json
+
+    state = {"a": (1, 2.5, [3, (4,)]), "b": {0: "x", 1: None}, "__c": True, "d": [float("inf"), 1e-300]}
+    assert _from_json(json.loads(json.dumps(_to_json(state)))) == state
+    with pytest.raises(TypeError):
+        _to_json({"t": torch.zeros(1)})
+
+
+def test_a_checkpoint_that_fails_after_a_partial_load_is_overwritten_by_an_older_one_or_stops(tmp_path):
+    from align.train.loop import CheckpointError, CheckpointWarning
+
+    acc, model, opt, sched = setup()
+    ckpt = Checkpoints(acc, tmp_path, key="k", keep=2, stateful={"scheduler": sched})
+    ckpt.save(2, {})
+    at_2 = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ckpt.save(4, {})
+    real = acc.load_state
+
+    def breaks_on_step_4(path, *args, **kwargs):
+        if path.endswith("step_0000004"):
+            with torch.no_grad():
+                next(iter(model.parameters())).add_(5.0)  # part of it was loaded, then it failed
+            raise RuntimeError("simulated failure after the weights")
+        return real(path, *args, **kwargs)
+
+    acc.load_state = breaks_on_step_4
+    with pytest.warns(CheckpointWarning, match="step_0000004 not used: loading failed"):
+        assert ckpt.resume("t")["step"] == 2
+    assert ckpt.loaded.name == "step_0000002"
+    assert all(torch.equal(a, b) for a, b in zip(at_2, model.parameters(), strict=True))
+    shutil.rmtree(tmp_path / "step_0000002")
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="mix of states"):
+        ckpt.resume("t")

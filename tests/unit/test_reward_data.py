@@ -2,7 +2,14 @@
 
 import pytest
 
-from align.data.ranking import apply_hygiene, select_domain, similarity
+from align.data.chat import build_byte_tokenizer
+from align.data.ranking import (
+    apply_hygiene,
+    select_domain,
+    similarity,
+    tokenize_ranked,
+    tokenize_ranked_records,
+)
 from align.data.sources import split_by_prompt
 from data_schemas import parse_record
 from eval.reward_accuracy import ranking_accuracy
@@ -70,3 +77,26 @@ def test_split_holds_out_whole_prompts():
     key = lambda r: " ".join(r.prompt[0].content.lower().split())  # noqa: E731
     assert not {key(r) for r in train} & {key(r) for r in held}
     assert len(held) in (2, 4) and split_by_prompt(records, 0.0, 0) == (records, [])
+
+
+def test_identical_responses_are_dropped_and_counted():
+    tok = build_byte_tokenizer()
+    records = [rec(["a", "b", " a ", "c"], strength="better"),  # " a " renders as "a": one pair goes
+               rec(["same", "same"]),  # nothing left to rank: the record goes
+               rec(["x", "y"]), rec(["p", "p", "p"])]
+    data = tokenize_ranked_records(tok, records, 64, None, "llama2_large")
+    assert data.identical_pairs == 1 + 1 + 3 and data.identical_records == 2
+    assert [[m.content for m in r.responses] for r in data.records] == [["a", "b", "c"], ["x", "y"]]
+    assert data.examples[0] == tokenize_ranked(tok, data.records[0], 64, None, "llama2_large")
+    assert data.examples[0].margin == 2.0 and data.num_pairs == 3 + 1
+    assert data.truncated_prompts == data.truncated_responses == 0
+
+
+def test_truncation_is_counted_and_can_make_responses_identical():
+    tok = build_byte_tokenizer()
+    long = rec(["abcdefgh one", "abcdefgh two", "z"], strength="better")
+    assert tokenize_ranked_records(tok, [long], 64, None, "none").truncated_responses == 0
+    data = tokenize_ranked_records(tok, [long], 34, 30, "none")  # prompt: 24 tokens; responses: 10 ("abcdefgh <eot>")
+    assert data.truncated_prompts == 0 and data.truncated_responses == 2
+    assert data.identical_pairs == 1 and [m.content for m in data.records[0].responses] == ["abcdefgh one", "z"]
+    assert tokenize_ranked_records(tok, [long], 34, 8, "none").truncated_prompts == 1

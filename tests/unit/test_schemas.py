@@ -185,6 +185,7 @@ BAD = [
     ("preference", {"prompt": [], "chosen": [A()], "rejected": [A()]}, "prompt", "at least one"),
     ("preference", {"responses": [A(), A()]}, "prompt", "missing field"),
     ("preference", {"prompt": "q", "chosen": "", "rejected": "b"}, "chosen", "non-empty"),
+    ("preference", {"prompt": "q", "chosen": "a", "rejected": " \n "}, "rejected", "non-empty"),
     ("preference", {"prompt": " ", "chosen": "a", "rejected": "b"}, "prompt", "non-empty"),
     ("preference", {"chosen": [U(), A("x")], "rejected": [U(), A("")]}, "rejected.1.content", "non-empty"),
     ("preference", {"chosen": [U(), A(), A("x")], "rejected": [U(), A(), A("y")]}, "chosen", "user turn"),
@@ -196,6 +197,7 @@ BAD = [
     ("prompt", {"messages": [U(""), A()]}, "messages.0.content", "non-empty"),
     ("scored", {"prompt": [U()], "response": U(), "score": 1.0}, "response.role", "'assistant'"),
     ("scored", {"prompt": [U()], "response": A(), "score": "high"}, "score", "expected a number"),
+    ("scored", {"prompt": [U()], "response": A("  "), "score": 1.0}, "response.content", "non-empty"),
 ]
 
 

@@ -39,7 +39,7 @@ def test_every_config_module_imports_on_its_own():
 
 
 def test_one_registry_every_kind_names_a_module_with_run():
-    assert set(STAGE_BY_KIND) == {"sft", "dpo", "reward_model", "rejection_sampling", "evaluate", "model_average",
+    assert set(STAGE_BY_KIND) == {"sft", "dpo", "reward_model", "rejection_sampling", "evaluate", "model_average", "gatt",
                                   "ppo"}
     for kind, cls in STAGE_BY_KIND.items():
         assert importlib.util.find_spec(cls.runs_in) is not None, kind
@@ -76,7 +76,7 @@ FOUR = {
     "dpo.data={from: eval_sft}": "stages[dpo].data.from: 'eval_sft' is a evaluate stage, which produces "
     "samples; expected preferences",
     "sft.data={builtin: wrld}": "stages[sft].data.builtin: unknown built-in sft_records set 'wrld' (did you "
-    "mean 'world'?); known: chat, world",
+    "mean 'world'?); known: chat, world, world_dialogues",
     "sft.data={paths: [no/such/file.jsonl]}": "stages[sft].data.paths[0]: file not found: no/such/file.jsonl",
 }
 

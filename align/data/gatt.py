@@ -1,0 +1,94 @@
+"""Ghost Attention data, the parts without a model (Llama 2 sec. 3.3):
+
+1. :func:`plan_dialogues`: for each source chat, its user turns (the first ``n`` of them, ``n`` drawn between
+   ``min_turns`` and ``max_turns``) and an instruction drawn from the pool;
+2. the model answers turn by turn with :func:`attach` (the instruction before every user message);
+3. :func:`gatt_record`: the instruction kept in the first turn only (a system message or before the first
+   user message, possibly in its short form), the answers as sampled, ``weight: 0`` on the earlier answers
+   when only the last is trained on (Llama 2 zeroes the loss on the previous turns: their answers were made
+   with the instruction in sight, which the training dialogue no longer shows there).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from align.config.gatt import InstructionPool
+from data_schemas import Message, SFTRecord
+
+
+@dataclass(frozen=True)
+class DialoguePlan:
+    users: list[str]  # the user turns, without the instruction
+    instruction: str  # attached to every user turn while sampling
+    kept: str  # what the training record keeps in its first turn (the instruction or its short form)
+    names: list[str]  # what was combined, e.g. ["upper", "end_word:done"]
+
+
+def world_instruction_pool() -> list[tuple[str, list[str]]]:
+    """(text, names) of every instruction combination of the built-in world that training may use: the
+    combinations the multi-turn evaluation holds out are left out."""
+    from eval.instruction_retention import combination_split, combination_text, instruction_combinations
+
+    pool = []
+    for combo in instruction_combinations():
+        if combination_split(combo) == "train":
+            pool.append((combination_text(combo), [f"{i.kind}:{i.arg}" if i.arg else i.kind for i in combo]))
+    return pool
+
+
+def draw_instruction(pool: InstructionPool, rng: random.Random, world: list | None = None) -> tuple[str, str, list[str]]:
+    """-> (full text, kept text, names) of one instruction."""
+    if pool.builtin == "world":
+        choices = [(t, n) for t, n in (world if world is not None else world_instruction_pool())
+                   if len(n) <= pool.max_combined]
+        text, names = rng.choice(choices)
+        return text, text, names  # the world's judge reads the full form only: never shortened
+    groups = rng.sample(pool.groups, rng.randint(1, min(pool.max_combined, len(pool.groups))))
+    options = [rng.choice(g.options) for g in groups]
+    full = " ".join(g.text.format(option=o) for g, o in zip(groups, options, strict=True))
+    kept = full
+    if rng.random() < pool.shorten:
+        kept = " ".join((g.short or g.text).format(option=o) for g, o in zip(groups, options, strict=True))
+    return full, kept, [f"{g.name}:{o}" for g, o in zip(groups, options, strict=True)]
+
+
+def plan_dialogues(records: Sequence[SFTRecord], pool: InstructionPool, min_turns: int, max_turns: int,
+                   seed: int) -> list[DialoguePlan]:
+    """One plan per source chat with at least ``min_turns`` user turns (others are skipped)."""
+    rng = random.Random(f"gatt:{seed}")
+    world = world_instruction_pool() if pool.builtin == "world" else None
+    plans = []
+    for record in records:
+        users = [m.content for m in record.messages if m.role == "user"]
+        if len(users) < min_turns:
+            continue
+        n = rng.randint(min_turns, min(max_turns, len(users)))
+        full, kept, names = draw_instruction(pool, rng, world)
+        plans.append(DialoguePlan(users=users[:n], instruction=full, kept=kept, names=names))
+    return plans
+
+
+def attach(instruction: str, user: str) -> str:
+    """The user message the model sees while the data is made: the instruction, then the message."""
+    return f"{instruction} {user}"
+
+
+def gatt_record(plan: DialoguePlan, answers: Sequence[str], placement: str, loss_on: str,
+                source: str = "gatt", meta: dict | None = None) -> SFTRecord:
+    """The training dialogue: the instruction in the first turn only; with ``loss_on='last'`` every answer
+    but the last has weight 0."""
+    if len(answers) != len(plan.users):
+        raise ValueError(f"{len(answers)} answers for {len(plan.users)} user turns")
+    messages = [Message(role="system", content=plan.kept)] if placement == "system" else []
+    last = len(answers) - 1
+    for t, (user, answer) in enumerate(zip(plan.users, answers, strict=True)):
+        content = attach(plan.kept, user) if placement == "first_user" and t == 0 else user
+        weight = 0 if loss_on == "last" and t < last else None
+        messages += [Message(role="user", content=content),
+                     Message(role="assistant", content=answer, weight=weight)]
+    return SFTRecord(messages=messages, source=source,
+                     meta={"instruction": plan.instruction, "kept": plan.kept, "combined": plan.names,
+                           "turns": len(answers), **(meta or {})})

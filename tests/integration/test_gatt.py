@@ -1,0 +1,129 @@
+"""The gatt stage on a tiny model: what the model is shown turn by turn, the records it writes, resuming
+after a kill without redoing finished dialogues, and the sft stage training on the result."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from align.config.recipe import recipe_from_dict
+from align.generation.protocol import Sample
+from align.runner import run_stage
+from tests.conftest import run_in_one_process
+from tests.integration.test_retention_eval import steady_tiny
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ScriptedGenerator:
+    """Answers every prompt with 'A<turn>' and records the prompts; fails after ``fail_after`` calls."""
+
+    def __init__(self, fail_after: int | None = None):
+        self.prompts: list[list[list[dict]]] = []
+        self.fail_after = fail_after
+
+    def sample(self, prompts, k, params):
+        if self.fail_after is not None and len(self.prompts) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.prompts.append(prompts)
+        return [[Sample(text=f"A{sum(m['role'] == 'user' for m in p)}", token_ids=[], logps_sum=0.0,
+                        finish_reason="stop")] * k
+                for p in prompts]
+
+    def close(self):
+        pass
+
+
+def gatt_recipe(model: str, **stage) -> dict:
+    return {"name": "t", "seed": 0, "stages": [{
+        "name": "gatt", "kind": "gatt", "model": {"path": model},
+        "dialogues": {"builtin": "world_dialogues", "builtin_size": 10},
+        "min_turns": 2, "max_turns": 4,
+        "sampling": {"temperature": 0.7, "max_new_tokens": 4, "batch_size": 3},
+        **stage,
+    }]}
+
+
+def run_scripted(tmp_path, monkeypatch, data, generator):
+    import align.stages.gatt as gatt
+
+    monkeypatch.setattr(gatt, "make_generator", lambda *a, **k: generator)
+    recipe = recipe_from_dict({**data, "output_dir": str(tmp_path / "runs")})
+    (tmp_path / "runs/t/round_1/gatt").mkdir(parents=True, exist_ok=True)
+    return run_stage(recipe, "gatt", 1, "fp")
+
+
+def records(tmp_path):
+    return [json.loads(line) for line in open(tmp_path / "runs/t/round_1/gatt/gatt.jsonl")]
+
+
+@pytest.mark.parametrize("placement", ["system", "first_user"])
+def test_the_model_sees_the_instruction_every_turn_the_record_only_in_the_first(tmp_path, monkeypatch, placement):
+    tiny = steady_tiny(tmp_path / "tiny")
+    generator = ScriptedGenerator()
+    result = run_scripted(tmp_path, monkeypatch, gatt_recipe(tiny, placement=placement), generator)
+    rows = records(tmp_path)
+    assert result.metrics["records"] == len(rows) == result.metrics["dialogues"] > 0
+    for row in rows:
+        instruction, turns = row["meta"]["instruction"], row["meta"]["turns"]
+        assert 2 <= turns <= 4
+        msgs = row["messages"]
+        if placement == "system":
+            assert msgs[0] == {"role": "system", "content": instruction}
+            msgs = msgs[1:]
+        else:
+            assert msgs[0]["content"].startswith(instruction + " ")
+        assert sum(instruction in m["content"] for m in msgs) == (placement == "first_user")
+        answers = [m for m in msgs if m["role"] == "assistant"]
+        assert [a["content"] for a in answers] == [f"A{t}" for t in range(1, turns + 1)]  # answered in order
+        assert [a.get("weight") for a in answers] == [0] * (turns - 1) + [None]
+    # while answering, every user message carried the instruction and the dialogue so far
+    from align.data.gatt import world_instruction_pool
+
+    texts = sorted((t for t, _ in world_instruction_pool()), key=len, reverse=True)
+    for batch in generator.prompts:
+        for prompt in batch:
+            users = [m for m in prompt if m["role"] == "user"]
+            instruction = next(t for t in texts if users[0]["content"].startswith(t + " "))
+            assert all(u["content"].startswith(instruction + " ") for u in users)
+            assert [m["content"] for m in prompt if m["role"] == "assistant"] == [f"A{t}" for t in range(1, len(users))]
+
+
+def test_loss_on_all_trains_every_answer(tmp_path, monkeypatch):
+    tiny = steady_tiny(tmp_path / "tiny")
+    run_scripted(tmp_path, monkeypatch, gatt_recipe(tiny, loss_on="all"), ScriptedGenerator())
+    assert all("weight" not in m for row in records(tmp_path) for m in row["messages"])
+
+
+def test_a_killed_run_keeps_finished_dialogues(tmp_path, monkeypatch):
+    tiny = steady_tiny(tmp_path / "tiny")
+    data = gatt_recipe(tiny)
+    with pytest.raises(KeyboardInterrupt):  # dies inside the second batch of dialogues
+        run_scripted(tmp_path, monkeypatch, data, ScriptedGenerator(fail_after=5))
+    store = [json.loads(line) for line in open(tmp_path / "runs/t/round_1/gatt/store.rank0.jsonl")]
+    assert [row["batch"] for row in store] == [0]
+    kept = sum(len(a) for a in store[0]["answers"])
+    result = run_scripted(tmp_path, monkeypatch, data, ScriptedGenerator())
+    m = result.metrics
+    assert m["answers_generated"] + kept == round(m["dialogues"] * m["turns_mean"])  # batch 0 not redone
+    resumed = records(tmp_path)
+    (tmp_path / "runs").rename(tmp_path / "runs_resumed")
+    run_scripted(tmp_path, monkeypatch, data, ScriptedGenerator())
+    assert records(tmp_path) == resumed  # the same data as a run that was never killed
+
+
+@pytest.mark.slow
+def test_sft_trains_on_gatt_data_end_to_end(tmp_path):
+    tiny = steady_tiny(tmp_path / "tiny")
+    data = gatt_recipe(tiny, report_gold=True)
+    data["stages"].append({
+        "name": "sft_gatt", "kind": "sft", "model": {"path": tiny},
+        "data": {"from": "gatt"},
+        "train": {"batch_size": 2, "max_length": 512, "max_steps": 3, "report_to": [],
+                  "optim": {"lr": 3e-3, "warmup_ratio": 0.0}},
+    })
+    results = run_in_one_process(data, tmp_path / "runs")
+    gatt, sft = results
+    assert 0.0 <= gatt["metrics"]["gold_instruction_following"] <= 1.0
+    assert sft["metrics"]["steps"] == 3 and sft["metrics"]["train_loss_last"] < sft["metrics"]["train_loss_first"]
