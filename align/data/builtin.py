@@ -3,7 +3,8 @@
 ``chat``: short single- and two-turn chats a model of a few million parameters can learn on a CPU in
 a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
 
-``world`` and ``world_dialogues`` (8 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
+``world``, ``world_chat`` (more like real chat data: some long dialogues, instructions in user turns)
+and ``world_dialogues`` (8 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
 / ``world_safety`` / ``world`` (preference) and ``world`` / ``world_eval`` (prompts): the built-in world
 with gold judges, see :mod:`eval.world`.
 """
@@ -14,6 +15,7 @@ import random
 from functools import partial
 
 from data_schemas import Message, PreferenceRecord, SFTRecord
+from eval.world import chat_records as world_chat_records
 from eval.world import dialogue_records, eval_prompt_records, preference_records, prompt_records, sft_records
 
 _WORDS = (
@@ -79,7 +81,8 @@ def chat_preference_records(n: int, seed: int = 0) -> list[PreferenceRecord]:
     return out
 
 
-BUILTIN_SFT = {"chat": chat_records, "world": sft_records, "world_dialogues": dialogue_records}
+BUILTIN_SFT = {"chat": chat_records, "world": sft_records, "world_chat": world_chat_records,
+               "world_dialogues": dialogue_records}
 BUILTIN_PREFERENCE = {  # name -> fn(n, seed) -> list[PreferenceRecord]
     "chat": chat_preference_records,
     "world": world_preference_records,

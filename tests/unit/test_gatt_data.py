@@ -153,3 +153,30 @@ def test_world_instructions_never_use_the_combinations_the_evaluation_holds_out(
 
     plans = plan_dialogues(dialogue_records(200, 0), InstructionPool(), 2, 8, seed=0)
     assert not held_out & {p.instruction for p in plans}
+
+
+def test_world_chat_data_is_mostly_short_with_long_dialogues_and_user_instructions():
+    from collections import Counter
+
+    from eval.instruction_retention import combination_split, instruction_combinations
+    from eval.world import chat_records
+    from rewards.gold import judge
+    from rewards.world import find_instructions
+
+    records = chat_records(1000, seed=3)
+    shapes = Counter(r.meta["shape"] for r in records)
+    assert 0.65 < shapes["short"] / 1000 < 0.75 and 0.1 < shapes["long"] / 1000 < 0.2
+    held_out = {tuple(sorted((i.kind, i.arg) for i in c)) for c in instruction_combinations()
+                if combination_split(c) == "eval"}
+    for r in records:
+        users = [m for m in r.messages if m.role == "user"]
+        if r.meta["shape"] == "long":
+            assert 3 <= len(users) <= 8 and r.messages[0].role == "user"
+            assert not any(find_instructions(m.content) for m in r.messages)
+        elif r.meta["shape"] == "user_instruction":
+            stated = find_instructions(users[0].content)
+            assert stated and tuple(sorted((i.kind, i.arg) for i in stated)) not in held_out
+            for k, m in enumerate(r.messages):
+                if m.role == "assistant":  # every answer follows the instructions and is right
+                    j = judge(r.messages[:k], m.content)
+                    assert j.instruction_ok and j.kind == "correct", (r.messages[:k], m.content)

@@ -76,7 +76,7 @@ FOUR = {
     "dpo.data={from: eval_sft}": "stages[dpo].data.from: 'eval_sft' is a evaluate stage, which produces "
     "samples; expected preferences",
     "sft.data={builtin: wrld}": "stages[sft].data.builtin: unknown built-in sft_records set 'wrld' (did you "
-    "mean 'world'?); known: chat, world, world_dialogues",
+    "mean 'world'?); known: chat, world, world_chat, world_dialogues",
     "sft.data={paths: [no/such/file.jsonl]}": "stages[sft].data.paths[0]: file not found: no/such/file.jsonl",
 }
 
