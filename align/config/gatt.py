@@ -77,6 +77,10 @@ class GattStage(StageBase):
     )
     k: int = Field(1, gt=0, description="samples per turn; with reward, the best is kept (else the first)")
     reward: RewardSpec | None = Field(None, description="scores the k samples of a turn (null: k must be 1)")
+    min_score: float | None = Field(
+        None, description="keep a dialogue only if the reward scores its last (trained) answer at least this, "
+        "judged on what the model saw; needs reward (null: keep every dialogue)",
+    )
     sampling: SamplingParams = Field(
         default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=48, batch_size=64),
         description="decoding of each answer; batch_size counts dialogues per generation call",
@@ -93,4 +97,6 @@ class GattStage(StageBase):
             raise ValueError(f"min_turns ({self.min_turns}) > max_turns ({self.max_turns})")
         if self.k > 1 and self.reward is None:
             raise ValueError("k > 1 needs a reward to pick the best sample")
+        if self.min_score is not None and self.reward is None:
+            raise ValueError("min_score needs a reward to score the answers")
         return self

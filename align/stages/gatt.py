@@ -138,24 +138,47 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     for b, batch_answers in store.items():
         for i, a in zip(batches[b], batch_answers, strict=True):
             answers[i] = a
-    # step 3: a dialogue with an empty answer cannot be a training record (the schema refuses empty turns)
-    out, empty = [], 0
+    # step 3: a dialogue with an empty answer cannot be a training record (the schema refuses empty turns);
+    # with min_score, one whose last answer scores below it is left out
+    last_scores = _last_answer_scores(stage, ctx, plans, answers) if stage.min_score is not None else None
+    out, empty, low = [], 0, 0
     for i, (plan, a) in enumerate(zip(plans, answers, strict=True)):
         if not all(x.strip() for x in a):
             empty += 1
             continue
+        if last_scores is not None and last_scores[i] < stage.min_score:
+            low += 1
+            continue
         out.append(gatt_record(plan, a, stage.placement, stage.loss_on, source=f"gatt:{stage.name}",
                                meta={"index": i, "round": ctx.round}))
     if not out:
-        raise StageInputError(f"stage '{stage.name}': every dialogue has an empty answer; check the model")
+        raise StageInputError(f"stage '{stage.name}': no dialogue left ({empty} with an empty answer, {low} whose "
+                              "last answer scored below min_score); check the model and min_score")
     write_jsonl(ctx.output(Artifact.SFT_RECORDS), out)
     metrics = {"dialogues": len(plans), "records": len(out), "dropped_empty_answer": empty,
+               "dropped_below_min_score": low,
                "turns_mean": sum(len(p.users) for p in plans) / len(plans), "answers_generated": answered}
     if answered:
         metrics["answers_per_s"] = answered / max(seconds, 1e-9)
     if stage.report_gold:
         metrics.update(_gold_metrics(plans, answers))
     return StageResult(metrics=metrics)
+
+
+def _last_answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[float]:
+    """The reward of each dialogue's last answer, on the dialogue as the model saw it."""
+    from align.models.reward_fn import build_reward
+
+    prompts = []
+    for plan, dialogue in zip(plans, answers, strict=True):
+        messages: list[dict] = []
+        for t, user in enumerate(plan.users):
+            messages.append({"role": "user", "content": attach(plan.instruction, user)})
+            if t < len(plan.users) - 1:
+                messages.append({"role": "assistant", "content": dialogue[t]})
+        prompts.append(messages)
+    last = [d[-1] if d else "" for d in answers]
+    return build_reward(stage.reward, ctx.model_path)(prompts, last, [False] * len(last)).tolist()
 
 
 def _gold_metrics(plans, answers) -> dict:

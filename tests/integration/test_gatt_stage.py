@@ -127,3 +127,39 @@ def test_sft_trains_on_gatt_data_end_to_end(tmp_path):
     gatt, sft = results
     assert 0.0 <= gatt["metrics"]["gold_instruction_following"] <= 1.0
     assert sft["metrics"]["steps"] == 3 and sft["metrics"]["train_loss_last"] < sft["metrics"]["train_loss_first"]
+
+
+class WorldGenerator(ScriptedGenerator):
+    """Answers the last user message right, following the instructions stated in it, except questions of
+    the 'capital' family (answered wrongly)."""
+
+    def sample(self, prompts, k, params):
+        from eval.instruction_retention import follow_all
+        from rewards.world import find_instructions, parse_task
+
+        self.prompts.append(prompts)
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            task = parse_task(text)
+            answer = "I don't know." if task.family == "capital" else follow_all(find_instructions(text), task)
+            out.append([Sample(text=answer, token_ids=[], logps_sum=0.0, finish_reason="stop")] * k)
+        return out
+
+
+def test_min_score_keeps_only_dialogues_whose_trained_answer_scores_enough(tmp_path, monkeypatch):
+    from rewards.world import parse_task
+
+    tiny = steady_tiny(tmp_path / "tiny")
+    data = gatt_recipe(tiny, reward={"function": "gold"}, report_gold=True)
+    data["stages"][0]["dialogues"]["builtin_size"] = 24
+    every = run_scripted(tmp_path, monkeypatch, data, WorldGenerator()).metrics
+    assert every["records"] == every["dialogues"] and every["dropped_below_min_score"] == 0
+    (tmp_path / "runs").rename(tmp_path / "runs_every")
+    data["stages"][0]["min_score"] = 1.0
+    kept = run_scripted(tmp_path, monkeypatch, data, WorldGenerator()).metrics
+    rows = records(tmp_path)
+    last_family = [parse_task([m for m in r["messages"] if m["role"] == "user"][-1]["content"]).family for r in rows]
+    assert rows and "capital" not in last_family
+    assert kept["dropped_below_min_score"] == every["records"] - kept["records"] > 0
+    assert 0 < every["gold_instruction_following"] <= 1.0
