@@ -71,15 +71,16 @@ class GattStage(StageBase):
     min_turns: int = Field(2, ge=1, description="shortest dialogue written (user turns)")
     max_turns: int = Field(8, ge=1, description="longest dialogue written; each dialogue's length is drawn "
                            "uniformly between min_turns and the smaller of this and its user turns")
-    loss_on: Literal["last", "all"] = Field(
+    loss_on: Literal["last", "all", "passing"] = Field(
         "last", description="last: only the last answer is trained on, earlier ones get weight 0 (Llama 2); "
-        "all: every answer is trained on",
+        "all: every answer is trained on; passing: every answer the reward scores at least min_score (needs "
+        "min_score)",
     )
     k: int = Field(1, gt=0, description="samples per turn; with reward, the best is kept (else the first)")
     reward: RewardSpec | None = Field(None, description="scores the k samples of a turn (null: k must be 1)")
     min_score: float | None = Field(
-        None, description="keep a dialogue only if the reward scores its last (trained) answer at least this, "
-        "judged on what the model saw; needs reward (null: keep every dialogue)",
+        None, description="keep a dialogue only if the reward scores its last answer at least this (with "
+        "loss_on passing: if any answer does), judged on what the model saw; needs reward (null: keep all)",
     )
     sampling: SamplingParams = Field(
         default_factory=lambda: SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=48, batch_size=64),
@@ -99,4 +100,6 @@ class GattStage(StageBase):
             raise ValueError("k > 1 needs a reward to pick the best sample")
         if self.min_score is not None and self.reward is None:
             raise ValueError("min_score needs a reward to score the answers")
+        if self.loss_on == "passing" and self.min_score is None:
+            raise ValueError("loss_on: passing needs min_score (and a reward)")
         return self

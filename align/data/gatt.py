@@ -77,16 +77,22 @@ def attach(instruction: str, user: str) -> str:
 
 
 def gatt_record(plan: DialoguePlan, answers: Sequence[str], placement: str, loss_on: str,
-                source: str = "gatt", meta: dict | None = None) -> SFTRecord:
+                source: str = "gatt", meta: dict | None = None,
+                passing: Sequence[bool] | None = None) -> SFTRecord:
     """The training dialogue: the instruction in the first turn only; with ``loss_on='last'`` every answer
-    but the last has weight 0."""
+    but the last has weight 0; with ``'passing'``, every answer whose ``passing`` flag is false."""
     if len(answers) != len(plan.users):
         raise ValueError(f"{len(answers)} answers for {len(plan.users)} user turns")
     messages = [Message(role="system", content=plan.kept)] if placement == "system" else []
     last = len(answers) - 1
     for t, (user, answer) in enumerate(zip(plan.users, answers, strict=True)):
         content = attach(plan.kept, user) if placement == "first_user" and t == 0 else user
-        weight = 0 if loss_on == "last" and t < last else None
+        if loss_on == "passing":
+            if passing is None:
+                raise ValueError("loss_on='passing' needs which answers pass")
+            weight = None if passing[t] else 0
+        else:
+            weight = 0 if loss_on == "last" and t < last else None
         messages += [Message(role="user", content=content),
                      Message(role="assistant", content=answer, weight=weight)]
     return SFTRecord(messages=messages, source=source,

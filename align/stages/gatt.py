@@ -139,24 +139,26 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
         for i, a in zip(batches[b], batch_answers, strict=True):
             answers[i] = a
     # step 3: a dialogue with an empty answer cannot be a training record (the schema refuses empty turns);
-    # with min_score, one whose last answer scores below it is left out
-    last_scores = _last_answer_scores(stage, ctx, plans, answers) if stage.min_score is not None else None
-    out, empty, low = [], 0, 0
+    # with min_score, one whose last answer (loss_on passing: every answer) scores below it is left out
+    scores = _answer_scores(stage, ctx, plans, answers) if stage.min_score is not None else None
+    out, empty, low, trained = [], 0, 0, 0
     for i, (plan, a) in enumerate(zip(plans, answers, strict=True)):
         if not all(x.strip() for x in a):
             empty += 1
             continue
-        if last_scores is not None and last_scores[i] < stage.min_score:
+        passing = None if scores is None else [x >= stage.min_score for x in scores[i]]
+        if passing is not None and not (any(passing) if stage.loss_on == "passing" else passing[-1]):
             low += 1
             continue
-        out.append(gatt_record(plan, a, stage.placement, stage.loss_on, source=f"gatt:{stage.name}",
+        trained += sum(passing) if stage.loss_on == "passing" else len(a) if stage.loss_on == "all" else 1
+        out.append(gatt_record(plan, a, stage.placement, stage.loss_on, passing=passing, source=f"gatt:{stage.name}",
                                meta={"index": i, "round": ctx.round}))
     if not out:
         raise StageInputError(f"stage '{stage.name}': no dialogue left ({empty} with an empty answer, {low} whose "
                               "last answer scored below min_score); check the model and min_score")
     write_jsonl(ctx.output(Artifact.SFT_RECORDS), out)
     metrics = {"dialogues": len(plans), "records": len(out), "dropped_empty_answer": empty,
-               "dropped_below_min_score": low,
+               "dropped_below_min_score": low, "trained_answers": trained,
                "turns_mean": sum(len(p.users) for p in plans) / len(plans), "answers_generated": answered}
     if answered:
         metrics["answers_per_s"] = answered / max(seconds, 1e-9)
@@ -165,20 +167,24 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics)
 
 
-def _last_answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[float]:
-    """The reward of each dialogue's last answer, on the dialogue as the model saw it."""
+def _answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[list[float]]:
+    """The reward of every answer, each on the dialogue as the model saw it when answering."""
     from align.models.reward_fn import build_reward
 
-    prompts = []
-    for plan, dialogue in zip(plans, answers, strict=True):
+    prompts, texts, owner = [], [], []
+    for i, (plan, dialogue) in enumerate(zip(plans, answers, strict=True)):
         messages: list[dict] = []
-        for t, user in enumerate(plan.users):
+        for user, answer in zip(plan.users, dialogue, strict=True):
             messages.append({"role": "user", "content": attach(plan.instruction, user)})
-            if t < len(plan.users) - 1:
-                messages.append({"role": "assistant", "content": dialogue[t]})
-        prompts.append(messages)
-    last = [d[-1] if d else "" for d in answers]
-    return build_reward(stage.reward, ctx.model_path)(prompts, last, [False] * len(last)).tolist()
+            prompts.append(list(messages))
+            texts.append(answer)
+            owner.append(i)
+            messages.append({"role": "assistant", "content": answer})
+    flat = build_reward(stage.reward, ctx.model_path)(prompts, texts, [False] * len(texts)).tolist() if texts else []
+    scores: list[list[float]] = [[] for _ in plans]
+    for i, x in zip(owner, flat, strict=True):
+        scores[i].append(x)
+    return scores
 
 
 def _gold_metrics(plans, answers) -> dict:

@@ -163,3 +163,27 @@ def test_min_score_keeps_only_dialogues_whose_trained_answer_scores_enough(tmp_p
     assert rows and "capital" not in last_family
     assert kept["dropped_below_min_score"] == every["records"] - kept["records"] > 0
     assert 0 < every["gold_instruction_following"] <= 1.0
+
+
+def test_loss_on_passing_trains_exactly_the_answers_that_score_enough(tmp_path, monkeypatch):
+    from rewards.gold import judge
+
+    tiny = steady_tiny(tmp_path / "tiny")
+    data = gatt_recipe(tiny, reward={"function": "gold"}, min_score=1.0, loss_on="passing")
+    data["stages"][0]["dialogues"]["builtin_size"] = 24
+    m = run_scripted(tmp_path, monkeypatch, data, WorldGenerator()).metrics
+    rows = records(tmp_path)
+    trained = 0
+    for row in rows:
+        instruction = row["meta"]["instruction"]
+        seen = []
+        for msg in row["messages"]:
+            if msg["role"] == "user":  # as the model saw it: the instruction before every user message
+                seen.append({"role": "user", "content": msg["content"] if msg["content"].startswith(instruction)
+                             else f"{instruction} {msg['content']}"})
+            elif msg["role"] == "assistant":
+                passes = judge(seen, msg["content"]).score >= 1.0
+                assert msg.get("weight") == (None if passes else 0)
+                trained += passes
+                seen.append(msg)
+    assert trained == m["trained_answers"] > 0 and any(m.get("weight") == 0 for r in rows for m in r["messages"])
