@@ -35,6 +35,20 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_report(args) -> int:
+    from pathlib import Path
+
+    from align.report import print_report
+
+    try:
+        print(print_report(Path(args.run_dir)))
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nevery metric: {Path(args.run_dir) / 'report.md'}")
+    return 0
+
+
 def _cmd_validate(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(dump_recipe(recipe), end="")
@@ -115,6 +129,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("recipe", help="recipe YAML file")
     val.add_argument("overrides", nargs="*", help="key=value changes to the recipe")
     val.set_defaults(func=_cmd_validate)
+
+    rep = sub.add_parser(
+        "report", help="print a run's compact table (gold metrics, KL, RM accuracy, time by stage)",
+        description="Print the compact table of RUN_DIR/report.json: by stage, the gold helpfulness, "
+        "violation and over-refusal rates, KL to the reference, reward-model accuracy, the gold score of "
+        "the kept vs the average rejection-sampling answer, and the time the stage took.",
+    )
+    rep.add_argument("run_dir", help="a run folder, e.g. runs/llama3_round")
+    rep.set_defaults(func=_cmd_report)
 
     ev = sub.add_parser("eval", help="evaluate a reward model or a policy", description="Evaluate models.")
     ev_sub = ev.add_subparsers(dest="what", required=True, metavar="WHAT")

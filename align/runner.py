@@ -373,12 +373,13 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
                 raise StageFailed(stage.name, round_, "it ended without writing result.json")
             _swap(work, out)
             _, result = read_result(out, run_dir)
+            _stamp_seconds(out, time.perf_counter() - t0)
             worked = True
         fps[stage.name] = fp
         records.append({
             "round": round_, "stage": stage.name, "kind": stage.kind, "metrics": result.metrics,
             "artifacts": {str(k): v for k, v in result.artifacts.items()}, "skipped": skipped,
-            "seconds": round(time.perf_counter() - t0, 1),
+            "seconds": round(time.perf_counter() - t0, 1), "stage_seconds": _stage_seconds(out),
         })
     if not worked:
         log("nothing to do: every stage is up to date")
@@ -387,48 +388,29 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     return records
 
 
+def _stamp_seconds(out: Path, seconds: float) -> None:
+    """Keep how long the stage took in its result.json (a skipped stage reports it again)."""
+    data = json.loads((out / "result.json").read_text())
+    data["seconds"] = round(seconds, 1)
+    _write_atomic(out / "result.json", json.dumps(data, indent=1))
+
+
+def _stage_seconds(out: Path) -> float | None:
+    try:
+        return json.loads((out / "result.json").read_text()).get("seconds")
+    except (OSError, ValueError):
+        return None
+
+
 def _fp_of(folder: Path) -> str | None:
     fp, _ = read_result(folder)
     return fp
 
 
 def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
-    _write_atomic(run_dir / "report.json", json.dumps(records, indent=1))
-    keys = sorted({k for r in records for k in r["metrics"]})
-    lines = [f"# {recipe.name}", "", "| round | stage | kind | " + " | ".join(keys) + " |",
-             "|---|---|---|" + "---|" * len(keys)]
-    for r in records:
-        cells = []
-        for k in keys:
-            v = r["metrics"].get(k)
-            cells.append("" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v)))
-        lines.append(f"| {r['round']} | {r['stage']} | {r['kind']} | " + " | ".join(cells) + " |")
-    lines += _retention_table(run_dir, records)
-    lines += ["", "Artifacts:", ""]
-    lines += [f"- round {r['round']} {r['stage']}: {a}: `{p}`" for r in records for a, p in r["artifacts"].items()]
-    _write_atomic(run_dir / "report.md", "\n".join(lines) + "\n")
+    from align.report import write_report as write
 
-
-def _retention_table(run_dir: Path, records: list[dict]) -> list[str]:
-    """Instruction following by turn for every evaluation with the multi-turn check (Llama 2 Table 30)."""
-    rows = [r for r in records if any(k.startswith("retention/instruction_turn_") for k in r["metrics"])]
-    if not rows:
-        return []
-    turns = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r["metrics"]
-                    if k.startswith("retention/instruction_turn_")})
-    lines = ["", "## Instruction kept over a dialogue (Llama 2 Table 30)", "",
-             "Share of answers that follow the first turn's instruction, by turn; task accuracy over all turns.",
-             "", "| round | stage | " + " | ".join(f"turn {t}" for t in turns) + " | task accuracy |",
-             "|---|---|" + "---|" * (len(turns) + 1)]
-    for r in rows:
-        m = r["metrics"]
-        cells = [f"{m[f'retention/instruction_turn_{t}']:.0%}" if f"retention/instruction_turn_{t}" in m else ""
-                 for t in turns]
-        task = m.get("retention/task_mean")
-        lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + f" | {'' if task is None else f'{task:.0%}'} |")
-    plots = [(r, f"round_{r['round']}/{r['stage']}/retention.png") for r in rows]
-    lines += [""] + [f"![{r['stage']}]({p})" for r, p in plots if (run_dir / p).exists()]
-    return lines
+    write(run_dir, recipe.name, records, _write_atomic)
 
 
 def _child_main(argv=None) -> None:

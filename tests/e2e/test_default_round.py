@@ -43,8 +43,18 @@ def test_default_round_runs_and_reports(tmp_path):
     for name in ("rm_helpful", "rm_safety"):
         assert by[name]["rm_accuracy"] > 0.5, f"{name} does not beat chance: {by[name]['rm_accuracy']}"
     assert by["rs"]["kept"] > 0 and by["annotate"]["pairs"] > 0
-    md = (run / "report.md").read_text()
-    assert "gold_helpfulness" in md and "rm_accuracy" in md
+    md = (run / "report.md").read_text().splitlines()
+    # the compact table first: every stage by name, the metrics that matter, the time each took
+    assert md[2] == ("| round | stage | kind | gold helpfulness | violation rate | over-refusal | KL to reference "
+                     "| RM accuracy | gold kept / mean (RS) | time |")
+    compact = [line.split(" | ") for line in md[4:14]]
+    assert [row[1] for row in compact] == [r["stage"] for r in report]
+    assert all(row[-1].rstrip(" |") for row in compact), "a stage without its time"
+    assert compact[1][3] == f"{by['eval_sft']['gold_helpfulness']:.3f}"
+    assert compact[2][7] == f"{by['rm_helpful']['rm_accuracy']:.3f}"
+    assert "### reward_model" in md and "rm_accuracy" in "\n".join(md)  # then every metric, by kind
+    shown = subprocess.run([sys.executable, "-m", "align.cli", "report", str(run)], capture_output=True, text=True)
+    assert shown.returncode == 0 and shown.stdout.splitlines()[3].split()[:3] == ["1", "eval_sft", "evaluate"]
     for r in report:
         for path in r["artifacts"].values():
             assert Path(path).exists()

@@ -1,0 +1,165 @@
+"""A run's report: ``report.json`` (every stage's metrics), ``report.md`` (one compact table of the metrics
+that matter, then one table per stage kind, then instruction retention by turn when measured) and
+``report.png`` (the gold metrics by stage; by round for multi-round recipes). ``align report RUN_DIR``
+prints the compact table. No torch; matplotlib only for the plot (skipped when absent).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+# The compact table: (column, how to read it from a stage's metrics). A stage shows only the columns it has.
+Cell = Callable[[dict], str | None]
+
+
+def _num(key: str, fmt: str = "{:.3f}") -> Cell:
+    return lambda m: None if m.get(key) is None else fmt.format(m[key])
+
+
+def _kept_vs_mean(m: dict) -> str | None:
+    if m.get("gold_best_mean") is None or m.get("gold_sample_mean") is None:
+        return None
+    return f"{m['gold_best_mean']:.3f} / {m['gold_sample_mean']:.3f}"
+
+
+COMPACT: list[tuple[str, Cell]] = [
+    ("gold helpfulness", _num("gold_helpfulness")),
+    ("violation rate", _num("safety_violation_rate")),
+    ("over-refusal", _num("over_refusal_rate")),
+    ("KL to reference", _num("kl_to_reference")),
+    ("RM accuracy", _num("rm_accuracy")),
+    ("gold kept / mean (RS)", _kept_vs_mean),
+]
+GOLD_CURVES = (("gold_helpfulness", "gold helpfulness"), ("safety_violation_rate", "violation rate"),
+               ("over_refusal_rate", "over-refusal rate"))
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
+
+
+def compact_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """-> (header, rows) of the compact table: round, stage, kind, the COMPACT columns any stage has, time."""
+    used = [(name, cell) for name, cell in COMPACT if any(cell(r["metrics"]) is not None for r in records)]
+    header = ["round", "stage", "kind", *[name for name, _ in used], "time"]
+    rows = []
+    for r in records:
+        cells = [cell(r["metrics"]) or "" for _, cell in used]
+        rows.append([str(r["round"]), r["stage"], r["kind"], *cells, _clock(r.get("stage_seconds"))])
+    return header, rows
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Columns aligned for a terminal."""
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=True)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def kind_tables(records: list[dict]) -> list[str]:
+    """One table per stage kind, every metric of that kind."""
+    lines: list[str] = []
+    for kind in dict.fromkeys(r["kind"] for r in records):
+        mine = [r for r in records if r["kind"] == kind]
+        keys = sorted({k for r in mine for k in r["metrics"]})
+        if not keys:
+            continue
+        rows = [[str(r["round"]), r["stage"], *[_fmt(r["metrics"].get(k)) for k in keys]] for r in mine]
+        lines += ["", f"### {kind}", "", *_markdown(["round", "stage", *keys], rows)]
+    return lines
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def retention_table(run_dir: Path, records: list[dict]) -> list[str]:
+    """Instruction following by turn for every evaluation with the multi-turn check (Llama 2 Table 30)."""
+    rows = [r for r in records if any(k.startswith("retention/instruction_turn_") for k in r["metrics"])]
+    if not rows:
+        return []
+    turns = sorted({int(k.rsplit("_", 1)[1]) for r in rows for k in r["metrics"]
+                    if k.startswith("retention/instruction_turn_")})
+    lines = ["", "## Instruction kept over a dialogue (Llama 2 Table 30)", "",
+             "Share of answers that follow the first turn's instruction, by turn; task accuracy over all turns.",
+             "", "| round | stage | " + " | ".join(f"turn {t}" for t in turns) + " | task accuracy |",
+             "|---|---|" + "---|" * (len(turns) + 1)]
+    for r in rows:
+        m = r["metrics"]
+        cells = [f"{m[f'retention/instruction_turn_{t}']:.0%}" if f"retention/instruction_turn_{t}" in m else ""
+                 for t in turns]
+        task = m.get("retention/task_mean")
+        lines.append(f"| {r['round']} | {r['stage']} | " + " | ".join(cells) + f" | {'' if task is None else f'{task:.0%}'} |")
+    plots = [(r, f"round_{r['round']}/{r['stage']}/retention.png") for r in rows]
+    lines += [""] + [f"![{r['stage']}]({p})" for r, p in plots if (run_dir / p).exists()]
+    return lines
+
+
+def plot_gold(path: Path, records: list[dict], title: str) -> bool:
+    """The gold metrics of every evaluated stage, in run order (labels carry the round when there are
+    several). -> False when matplotlib is missing or nothing was evaluated."""
+    points = [r for r in records if r["metrics"].get("gold_helpfulness") is not None]
+    if not points:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rounds = len({r["round"] for r in records}) > 1
+    labels = [f"r{r['round']} {r['stage']}" if rounds else r["stage"] for r in points]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(points) + 2), 3.6))
+    for key, name in GOLD_CURVES:
+        ys = [r["metrics"].get(key) for r in points]
+        if any(y is not None for y in ys):
+            ax.plot(range(len(points)), [float("nan") if y is None else y for y in ys], marker="o", label=name)
+    ax.set_xticks(range(len(points)), labels, rotation=30, ha="right")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate (gold judge)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return True
+
+
+def write_report(run_dir: Path, name: str, records: list[dict], write=None) -> None:
+    """``report.json``, ``report.png`` and ``report.md`` in ``run_dir``; ``write(path, text)`` writes a file
+    atomically (the runner's)."""
+    write = write or (lambda p, t: p.write_text(t))
+    write(run_dir / "report.json", json.dumps(records, indent=1))
+    plotted = plot_gold(run_dir / "report.png", records, f"{name}: gold metrics by stage")
+    header, rows = compact_rows(records)
+    lines = [f"# {name}", "", *_markdown(header, rows)]
+    if plotted:
+        lines += ["", "![gold metrics by stage](report.png)"]
+    lines += ["", "## Every metric, by stage kind", *kind_tables(records)]
+    lines += retention_table(run_dir, records)
+    lines += ["", "## Artifacts", ""]
+    lines += [f"- round {r['round']} {r['stage']}: {a}: `{p}`" for r in records for a, p in r["artifacts"].items()]
+    write(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def print_report(run_dir: Path) -> str:
+    """The compact table of ``run_dir/report.json``, for a terminal."""
+    path = Path(run_dir) / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no report (has `align run` finished in this folder?)")
+    records = json.loads(path.read_text())
+    header, rows = compact_rows(records)
+    return text_table(header, rows)
