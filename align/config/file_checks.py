@@ -119,6 +119,21 @@ def check_lora_targets(where: str, targets, modules: set[str], model: str) -> li
             f"it has: {', '.join(sorted(modules))}"]
 
 
+def check_gguf(where: str, path: str, gguf_file: str) -> list[str]:
+    """A GGUF file that exists, starts with the GGUF magic, and a ``gguf`` package to read it."""
+    import importlib.util
+
+    file = Path(path).expanduser() / gguf_file
+    if not file.is_file():
+        return [f"{where}.gguf_file: no such file: {file}"]
+    with file.open("rb") as f:
+        if f.read(4) != b"GGUF":
+            return [f"{where}.gguf_file: {file} is not a GGUF file (no GGUF magic)"]
+    if importlib.util.find_spec("gguf") is None:
+        return [f"{where}.gguf_file: reading GGUF needs the gguf package: pip install 'align[gguf]'"]
+    return []
+
+
 def check_model_path(where: str, path: str, has_tokenizer: bool, lora) -> list[str]:
     """A model ``path``: a local folder (checked) or a hub id; anything else that does not exist is an
     error (before this, a missing folder surfaced as the hub's 'Repo id must be in the form ...')."""

@@ -71,6 +71,11 @@ class ModelSpec(Strict):
     tokenizer: str | None = Field(
         None, description="tokenizer path or hub id (default: the model's; 'builtin:bytes' for the built-in)"
     )
+    gguf_file: str | None = Field(
+        None, description="a GGUF file in 'path' (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): converted once to a "
+        "plain HF folder (weights dequantized, tokenizer and chat template from the file; needs the gguf "
+        "package, extra align[gguf])",
+    )
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="size of builtin:tiny")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
         "float32", description="dtype the weights are loaded in"
@@ -84,6 +89,8 @@ class ModelSpec(Strict):
         refs = as_refs(self.from_stage)
         if self.path is None and not refs:
             raise ValueError("give 'path' or 'from'")
+        if self.gguf_file is not None and (self.path is None or self.path.startswith("builtin:")):
+            raise ValueError("gguf_file needs 'path': the folder that holds the file")
         if self.path == "builtin:tiny" and self.tokenizer not in (None, "builtin:bytes"):
             raise ValueError("path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
         if self.path is not None and refs and not _only_previous_round(refs):

@@ -13,6 +13,7 @@ import torch
 from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, build_byte_tokenizer
+from align.models.gguf import hf_folder
 
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_TOKENIZER = "builtin:bytes"
@@ -21,7 +22,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_tokenizer(spec: ModelSpec, model_path: str):
     """The tokenizer for ``spec``; adds the Llama 3 chat template (and its special tokens) if missing."""
-    source = spec.tokenizer or model_path
+    source = spec.tokenizer or hf_folder(spec, model_path)
     if source in (BUILTIN_MODEL, BUILTIN_TOKENIZER):
         return build_byte_tokenizer()
     from transformers import AutoTokenizer
@@ -75,7 +76,7 @@ def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
         kwargs = {"dtype": _DTYPES[spec.dtype]}
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(hf_folder(spec, model_path), **kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     eot = tokenizer.convert_tokens_to_ids(EOT)

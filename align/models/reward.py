@@ -19,6 +19,7 @@ from torch import nn
 from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import PAD
+from align.models.gguf import hf_folder
 from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer
 
 
@@ -28,15 +29,26 @@ def load_reward_tokenizer(spec: ModelSpec, model_path: str):
 
 
 def ensure_distinct_pad(tokenizer):
-    """Set the pad token to ``<|finetune_right_pad_id|>`` (added if missing) when it is unset or a token
-    the chat template writes (e.g. pad = eos = ``<|eot_id|>``): HF sequence classification reads the
-    score at the last token that is not the pad token."""
+    """When the pad token is unset or a token the chat template writes (e.g. pad = eos = ``<|eot_id|>``),
+    make it ``<|finetune_right_pad_id|>`` if the vocabulary has it, else a special token the template never
+    writes (SmolLM2: ``<|endoftext|>``), and only when there is none add ``<|finetune_right_pad_id|>`` (which
+    grows the embeddings by a row): HF sequence classification reads the score at the last token that is
+    not the pad token."""
     sample = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
     rendered = set(tokenizer.apply_chat_template(sample, tokenize=True, return_dict=True)["input_ids"])
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id in rendered:
-        if PAD not in tokenizer.get_vocab():
+        vocab = tokenizer.get_vocab()
+        if PAD in vocab:
+            tokenizer.pad_token = PAD
+            return tokenizer
+        # a special token the template never writes (e.g. SmolLM2's <|endoftext|>): no new embedding row
+        unused = [t for t in tokenizer.all_special_tokens if vocab.get(t) is not None and vocab[t] not in rendered]
+        unused.sort(key=lambda t: (("pad" not in t.lower()), ("endoftext" not in t.lower()), vocab[t]))
+        if unused:
+            tokenizer.pad_token = unused[0]
+        else:
             tokenizer.add_special_tokens({"pad_token": PAD})
-        tokenizer.pad_token = PAD
+            tokenizer.pad_token = PAD
     return tokenizer
 
 
@@ -66,7 +78,7 @@ def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0
             kwargs["attn_implementation"] = spec.attn_implementation
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the new head's initialisation
-            model = AutoModelForSequenceClassification.from_pretrained(model_path, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(hf_folder(spec, model_path), **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -28,6 +28,7 @@ from align.data.sources import load_sft
 from align.generation import make_generator
 from align.generation.dialogue import roll_out
 from align.io_atomic import append_line, read_json_lines
+from align.models.gguf import hf_folder
 from align.models.loading import load_causal_lm, load_tokenizer
 from align.runtime import StageContext, StageInputError, StageResult
 from data_schemas import Message, write_jsonl
@@ -69,7 +70,7 @@ def _make_missing(stage: GattStage, ctx: StageContext, plans, batches, accelerat
         model = load_causal_lm(spec, path, tokenizer, seed=ctx.seed).to(accelerator.device).eval()
         generator = make_generator("hf", model=model, tokenizer=tokenizer)
     else:
-        generator = make_generator("vllm", path, tokenizer=tokenizer)
+        generator = make_generator("vllm", hf_folder(stage.model, path), tokenizer=tokenizer)
     choose = _best_of(stage, ctx) if stage.k > 1 else None
     store = ctx.out_dir / f"store.rank{rank}.jsonl"
     bar = tqdm(total=len(mine), desc=f"{stage.name} dialogues", disable=not accelerator.is_main_process)

@@ -24,6 +24,7 @@ from align.config.rejection_sampling import RejectionSamplingStage
 from align.data.sources import load_prompts
 from align.generation import make_generator
 from align.io_atomic import append_line, read_json_lines
+from align.models.gguf import hf_folder
 from align.models.loading import load_causal_lm, load_tokenizer
 from align.models.reward_fn import build_reward
 from align.runtime import StageContext, StageInputError, StageResult
@@ -88,7 +89,7 @@ def generate_missing(stage: RejectionSamplingStage, ctx: StageContext, prompts, 
         model = load_causal_lm(spec, path, tokenizer, seed=ctx.seed).to(accelerator.device).eval()
         generator = make_generator("hf", model=model, tokenizer=tokenizer)
     else:
-        generator = make_generator("vllm", path, tokenizer=tokenizer)
+        generator = make_generator("vllm", hf_folder(stage.model, path), tokenizer=tokenizer)
     store = ctx.out_dir / f"store.rank{rank}.jsonl"
     bar = tqdm(total=len(mine), desc=f"{stage.name} sampling", disable=not accelerator.is_main_process)
     made = 0

