@@ -5,7 +5,10 @@ A response is scored at its last token, which the chat template makes its end-of
 ``prompt + [response]`` and tokenised with ``add_special_tokens=False`` (the template writes BOS
 itself), exactly what TRL's ``RewardTrainer`` and ``apply_chat_template(tokenize=True)`` produce. The
 prompt part is the template rendered with ``add_generation_prompt=True`` (it ends with the assistant
-header); the rendered prompt must be a prefix of the rendered conversation, in text and in tokens.
+header); the rendered prompt must be a prefix of the rendered conversation in text. When the tokenizer
+merges the prompt's last token with the response's first (ChatML's ``assistant\n`` before a response that
+starts with spaces), the response is tokenised on its own from the text boundary, as TRL does, and counted
+in ``BOUNDARY_SPLITS``.
 
 Truncation (only when ``max_length`` is set):
 
@@ -26,6 +29,11 @@ from typing import Any
 
 class EncodingError(ValueError):
     """The tokenizer's chat template cannot split a conversation into prompt and response tokens."""
+
+
+# How many responses were split at the text boundary because the tokenizer merged them with the prompt's end
+# (this process); stages report it as ``boundary_adjusted``.
+BOUNDARY_SPLITS = [0]
 
 
 def as_message_dicts(messages: Any) -> list[dict]:
@@ -80,9 +88,17 @@ def encode_response(tokenizer, prompt: Any, response: Any, encoded_prompt=None) 
             "conversation; use a Llama 3 style template"
         )
     full_ids = _ids(tokenizer, full_text)
-    if full_ids[: len(prompt_ids)] != prompt_ids or len(full_ids) == len(prompt_ids):
-        raise EncodingError("the tokenizer merges the end of the prompt with the start of the response")
-    return full_ids[len(prompt_ids) :]
+    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
+        return full_ids[len(prompt_ids) :]
+    # The tokenizer merges the end of the prompt with the start of the response (ChatML's "assistant\n"
+    # followed by a response that starts with spaces: "\n  " is one token). The boundary is then the text
+    # boundary: the response's text is tokenised on its own, as TRL does when it tokenises prompt and
+    # response separately. Training and scoring use this same rule, so a response has the same ids in both.
+    BOUNDARY_SPLITS[0] += 1
+    response_ids = _ids(tokenizer, full_text[len(prompt_text) :])
+    if not response_ids:
+        raise EncodingError("the response renders to no tokens")
+    return response_ids
 
 
 def truncate(

@@ -87,7 +87,14 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     def tokenize(records):
         return tokenize_ranked_records(tokenizer, records, cfg.max_length, max_prompt_length, stage.margin)
 
+    from rewards.encoding import BOUNDARY_SPLITS
+
+    splits_before = BOUNDARY_SPLITS[0]
     train_data, eval_data = tokenize(train_records), tokenize(eval_records)
+    boundary = BOUNDARY_SPLITS[0] - splits_before
+    if boundary:
+        accelerator.print(f"[{stage.name}] {boundary} responses merge with the prompt's last token when tokenized "
+                          "together (e.g. leading spaces after ChatML's header): split at the text boundary")
     identical = train_data.identical_pairs + eval_data.identical_pairs
     if identical:
         all_pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in train_records + eval_records)
@@ -100,7 +107,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
         raise StageInputError(f"stage '{stage.name}': no training pair left in {sources}: the responses of each of "
                               f"the {train_data.identical_records} training records are identical")
     train_ex, eval_ex, eval_records = train_data.examples, eval_data.examples, eval_data.records
-    hygiene.update(identical_pairs_dropped=float(identical),
+    hygiene.update(identical_pairs_dropped=float(identical), boundary_adjusted=float(boundary),
                    truncated_prompts=float(train_data.truncated_prompts + eval_data.truncated_prompts),
                    truncated_responses=float(train_data.truncated_responses + eval_data.truncated_responses))
     # step 5

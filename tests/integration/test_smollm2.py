@@ -85,3 +85,57 @@ def test_reward_model_pad_token_does_not_grow_the_vocabulary(smollm2):
     rendered = tok.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
                                        tokenize=True, return_dict=True)["input_ids"]
     assert tok.pad_token_id not in rendered
+
+
+def test_responses_starting_with_spaces_score_and_train_without_error(smollm2, tmp_path):
+    """15 of 648 responses of the shared helpfulness preferences start with spaces; after ChatML's
+    'assistant\\n' the tokenizer merges the newline with them. They are split at the text boundary."""
+    from transformers import AutoTokenizer
+
+    from rewards.encoding import BOUNDARY_SPLITS, encode_pair, encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    prompt = [{"role": "user", "content": "Can you help me?"}]
+    before = BOUNDARY_SPLITS[0]
+    ids = encode_pair(tok, prompt, "  Sure, I'd be happy to help.")
+    assert BOUNDARY_SPLITS[0] == before + 1
+    prompt_text, prompt_ids = encode_prompt(tok, prompt)
+    assert ids[: len(prompt_ids)] == prompt_ids
+    assert tok.decode(ids[len(prompt_ids):]).startswith("  Sure, I'd be happy to help.<|im_end|>")
+    plain = encode_pair(tok, prompt, "Sure, I'd be happy to help.")  # no merge: the usual rule, not counted
+    assert BOUNDARY_SPLITS[0] == before + 1 and plain[: len(prompt_ids)] == prompt_ids
+    # the command that crashed: align eval reward-model on such a file
+    from eval.reward_model import evaluate_reward_model
+
+    data = tmp_path / "prefs.jsonl"
+    data.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "  Sure, I can."}],
+                                "rejected": [{"role": "assistant", "content": "No."}]}) + "\n")
+    from align.config.specs import ModelSpec
+    from align.models.reward import load_reward_model, load_reward_tokenizer
+
+    spec = ModelSpec(path=str(smollm2))
+    rm_tok = load_reward_tokenizer(spec, str(smollm2))
+    rm = load_reward_model(spec, str(smollm2), rm_tok)  # SmolLM2 with a fresh scalar head
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    metrics = evaluate_reward_model(str(tmp_path / "rm"), str(data), batch_size=2)
+    assert metrics["boundary_adjusted"] == 1.0 and 0.0 <= metrics["rm_accuracy"] <= 1.0
+
+
+def test_chatml_masks_token_by_token(smollm2):
+    """SmolLM2's ChatML: the loss covers each answer, its <|im_end|> and the newline the template writes
+    after it; DPO masks <|im_start|> and <|im_end|>; generation and PPO stop at <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from align.data.chat import formatting_token_ids, termination_token_id, tokenize_chat
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    chat = tokenize_chat(tok, msgs)
+    trained = [tok.decode([i]) for i, m in zip(chat.input_ids, chat.loss_mask, strict=True) if m]
+    assert trained == ["Hello", "!", "<|im_end|>", "\n", "4", "<|im_end|>", "\n"]
+    untrained = tok.decode([i for i, m in zip(chat.input_ids, chat.loss_mask, strict=True) if not m])
+    assert untrained.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in untrained
+    assert {tok.decode([i]) for i in formatting_token_ids(tok)} == {"<|im_start|>", "<|im_end|>"}
+    assert tok.decode([termination_token_id(tok)]) == "<|im_end|>"
