@@ -248,7 +248,7 @@ def _end_with_runner() -> None:
 def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: Path) -> None:
     n = stage.launch.num_processes
     entry = ["-m", "align.runner", "--recipe", str(recipe_file), "--stage", stage.name, "--round", str(round_),
-             "--fingerprint", fp, "--work-dir", str(work_dir)]
+             "--fingerprint", fp, "--work-dir", str(work_dir), "--processes", str(n)]
     if stage.launch.accelerate_config:
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                stage.launch.accelerate_config, "--num_processes", str(n), *entry]
@@ -256,7 +256,8 @@ def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: P
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), *entry]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=_end_with_runner)
     if done.returncode != 0:
-        raise StageFailed(stage.name, round_, f"{n} processes: exit code {done.returncode} (see above)")
+        raise StageFailed(stage.name, round_, f"{n} processes: exit code {done.returncode} (see above)",
+                          user_error=done.returncode == 2)
 
 
 # -- the orchestrator ----------------------------------------------------------------------------------
@@ -421,9 +422,21 @@ def _child_main(argv=None) -> None:
     p.add_argument("--round", type=int, default=1, help="the round (1-based)")
     p.add_argument("--fingerprint", required=True, help="written into result.json")
     p.add_argument("--work-dir", help="where the stage writes (default: its folder in the run)")
+    p.add_argument("--processes", type=int, default=None, help="how many processes the launcher must start")
     args = p.parse_args(argv)
-    run_stage(load_recipe(args.recipe, contents=False), args.stage, args.round, args.fingerprint,
-              Path(args.work_dir) if args.work_dir else None)
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.processes is not None and world != args.processes:
+            raise StageInputError(
+                f"the launcher started {world} process(es), the stage asked for {args.processes} "
+                "(launch.num_processes); accelerate runs a CPU config (use_cpu, MULTI_CPU) as one process "
+                "unless MPI is set up: on CPUs leave launch.accelerate_config out (align then uses torchrun)"
+            )
+        run_stage(load_recipe(args.recipe, contents=False), args.stage, args.round, args.fingerprint,
+                  Path(args.work_dir) if args.work_dir else None)
+    except (StageInputError, StageStopped) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

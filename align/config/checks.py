@@ -66,7 +66,8 @@ def check_recipe(stages: list[StageBase], rounds: int, contents: bool = True) ->
         if bad:
             problems.append(f"{at}.in_rounds: {bad} outside 1..{rounds}")
         if stage.launch.accelerate_config:
-            problems += _check_accelerate_config(f"{at}.launch.accelerate_config", stage.launch.accelerate_config)
+            problems += _check_accelerate_config(f"{at}.launch.accelerate_config", stage.launch.accelerate_config,
+                                                 stage.launch.num_processes)
         for inp in stage.inputs():
             where = f"{at}.{inp.where}"
             problems += _check_references(where, inp, seen, set(every), produced, kinds)
@@ -75,7 +76,7 @@ def check_recipe(stages: list[StageBase], rounds: int, contents: bool = True) ->
     return problems
 
 
-def _check_accelerate_config(where: str, path: str) -> list[str]:
+def _check_accelerate_config(where: str, path: str, processes: int = 1) -> list[str]:
     import yaml
 
     if not Path(path).is_file():
@@ -86,6 +87,11 @@ def _check_accelerate_config(where: str, path: str) -> list[str]:
         return [f"{where}: {path} is not valid YAML ({str(err).splitlines()[0]})"]
     if not isinstance(config, dict):
         return [f"{where}: {path} is not an accelerate config (expected a mapping of settings)"]
+    cpu = config.get("use_cpu") or config.get("distributed_type") in ("MULTI_CPU", "NO")
+    if processes > 1 and cpu and not (config.get("mpirun_config") or {}).get("mpirun_hostfile"):
+        return [f"{where}: {path} is a CPU config, which accelerate runs as ONE process without an MPI "
+                f"hostfile, not the {processes} of launch.num_processes: on CPUs leave accelerate_config out "
+                "(align then starts the processes with torchrun)"]
     return []
 
 
