@@ -25,7 +25,7 @@ import align.train.loop as loop
 from align.config.base import Artifact
 from align.config.recipe import recipe_from_dict
 from align.runner import run_stage
-from align.train.loop import CheckpointWarning
+from align.train.checkpoints import CheckpointWarning
 from tests.conftest import tiny_sft_recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -111,7 +111,7 @@ def test_the_scheduler_is_kept_as_json_and_nothing_is_registered_for_pickling(tm
 
 
 def test_state_json_round_trip():
-    from align.train.loop import _from_json, _to_json
+    from align.train.checkpoints import _from_json, _to_json
 
     state = {"a": (1, 2.5, [3, (4,)]), "b": {0: "x", 1: None}, "__c": True, "d": [float("inf"), 1e-300]}
     assert _from_json(json.loads(json.dumps(_to_json(state)))) == state
@@ -120,7 +120,7 @@ def test_state_json_round_trip():
 
 
 def test_a_checkpoint_that_fails_after_a_partial_load_is_overwritten_by_an_older_one_or_stops(tmp_path):
-    from align.train.loop import CheckpointError, CheckpointWarning
+    from align.train.checkpoints import CheckpointError, CheckpointWarning
 
     acc, model, opt, sched = setup()
     ckpt = Checkpoints(acc, tmp_path, key="k", keep=2, stateful={"scheduler": sched})
