@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import multiprocessing
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,6 +32,8 @@ from pathlib import Path
 from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
 from align.config.registry import STAGE_TYPES
+from align.io_atomic import write_text_atomic
+from align.run_folders import check_made_by_align, settle_swap, swap, work_dir
 from align.runtime import (
     StageContext,
     StageFailed,
@@ -111,6 +111,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: P
     will have then."""
     import importlib
 
+    t0 = time.perf_counter()
     history: dict[int, dict[str, StageResult]] = {}
     for r, earlier in _schedule(recipe):
         if (r, earlier.name) == (round_, stage_name):
@@ -137,6 +138,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: P
         raise RuntimeError(f"the {stage.kind} stage did not write its declared output(s): {', '.join(missing)}")
     result.artifacts = {kind: str(final / rel) for kind, rel in ctx.outputs.items()}
     result.metrics = {k: float(v) for k, v in result.metrics.items() if v is not None}
+    result.seconds = time.perf_counter() - t0
     write_result(out, result, fp, recipe.run_dir)
     return result
 
@@ -263,74 +265,6 @@ def _launch_children(recipe_file: Path, stage, round_: int, fp: str, work_dir: P
 # -- the orchestrator ----------------------------------------------------------------------------------
 
 
-MARKER = "stage.json"  # written by the runner into every stage folder it makes: {"fingerprint", "kind"}
-
-
-def _marker(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _remove_stage_folder(folder: Path) -> None:
-    """Delete a folder of the run only if the runner made it (it holds the marker)."""
-    if folder.exists():
-        if _marker(folder) is None and any(folder.iterdir()):
-            raise StageInputError(f"{folder} exists but align did not make it (no {MARKER}); move it away")
-        shutil.rmtree(folder)
-
-
-def _settle_swap(out: Path) -> None:
-    """Finish a swap a killed run left half done: ``NAME.next`` complete and ``NAME`` gone -> move it in;
-    ``NAME.old`` (the replaced result) is removed once ``NAME`` is there again."""
-    staged, old = out.with_name(out.name + ".next"), out.with_name(out.name + ".old")
-    if not out.exists():
-        if (staged / "result.json").exists():
-            staged.rename(out)
-        elif old.exists():
-            old.rename(out)
-    if out.exists() and old.exists():
-        shutil.rmtree(old)
-
-
-def _work_dir(out: Path, fp: str, kind: str) -> Path:
-    """Where a stage that must run writes: its own folder, unless that holds a finished result of another
-    configuration, which stays untouched until the replacement is complete (then :func:`_swap`)."""
-    mark = _marker(out)
-    if mark is not None and mark.get("fingerprint") == fp:
-        return out  # an interrupted run of this very work: resume it
-    if mark is not None and (out / "result.json").exists():
-        work = out.with_name(out.name + ".next")
-        staged = _marker(work)
-        if staged is not None and staged.get("fingerprint") == fp:
-            return work  # an interrupted rebuild of this very work: resume it
-    else:
-        work = out
-    _remove_stage_folder(work)  # an unfinished build of other work
-    work.mkdir(parents=True)
-    (work / MARKER).write_text(json.dumps({"fingerprint": fp, "kind": kind}))
-    return work
-
-
-def _swap(work: Path, out: Path) -> None:
-    """Put a complete rebuild in place of the result it replaces (two renames; see :func:`_settle_swap`)."""
-    if work == out:
-        return
-    old = out.with_name(out.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    out.rename(old)
-    work.rename(out)
-    shutil.rmtree(old)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def run_recipe(recipe: Recipe, log=print) -> list[dict]:
     """Run every stage of every round, each in its own process; returns the report records.
 
@@ -347,17 +281,15 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
 def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     resolved = run_dir / "resolved.yaml"
     running = run_dir / "resolved.running.yaml"  # what this run's stages read; becomes resolved.yaml at the end
-    _write_atomic(running, dump_recipe(recipe))
+    write_text_atomic(running, dump_recipe(recipe))
     for round_, stage in _schedule(recipe):  # before any work: no stage may write where align did not
-        folder = stage_dir(recipe, round_, stage.name)
-        if folder.is_dir() and _marker(folder) is None and any(folder.iterdir()):
-            raise StageInputError(f"{folder} exists but align did not make it (no {MARKER}); move it away")
+        check_made_by_align(stage_dir(recipe, round_, stage.name))
     records, worked = [], False
     all_fps: dict[int, dict[str, str]] = {}
     for round_, stage in _schedule(recipe):
         fps = all_fps.setdefault(round_, {})
         out = stage_dir(recipe, round_, stage.name)
-        _settle_swap(out)
+        settle_swap(out)
         fp = fingerprint(recipe, stage, round_, _view(all_fps, round_))
         old_fp, result = read_result(out, run_dir)
         t0 = time.perf_counter()
@@ -365,22 +297,21 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
         if skipped:
             log(f"[round {round_}] {stage.name}: up to date, skipped")
         else:
-            work = _work_dir(out, fp, stage.kind)
+            work = work_dir(out, fp, stage.kind)
             beside = " (beside the finished result of another configuration, swapped in when done)" \
                 if work != out else ""
             log(f"[round {round_}] {stage.name} ({stage.kind}): running{beside}")
             _run_child(running, stage, round_, fp, work)
-            if _fp_of(work) != fp:
+            if read_result(work)[0] != fp:
                 raise StageFailed(stage.name, round_, "it ended without writing result.json")
-            _swap(work, out)
+            swap(work, out)
             _, result = read_result(out, run_dir)
-            _stamp_seconds(out, time.perf_counter() - t0)
             worked = True
         fps[stage.name] = fp
         records.append({
             "round": round_, "stage": stage.name, "kind": stage.kind, "metrics": result.metrics,
             "artifacts": {str(k): v for k, v in result.artifacts.items()}, "skipped": skipped,
-            "seconds": round(time.perf_counter() - t0, 1), "stage_seconds": _stage_seconds(out),
+            "seconds": round(time.perf_counter() - t0, 1), "stage_seconds": result.seconds,
         })
     if not worked:
         log("nothing to do: every stage is up to date")
@@ -389,29 +320,10 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     return records
 
 
-def _stamp_seconds(out: Path, seconds: float) -> None:
-    """Keep how long the stage took in its result.json (a skipped stage reports it again)."""
-    data = json.loads((out / "result.json").read_text())
-    data["seconds"] = round(seconds, 1)
-    _write_atomic(out / "result.json", json.dumps(data, indent=1))
-
-
-def _stage_seconds(out: Path) -> float | None:
-    try:
-        return json.loads((out / "result.json").read_text()).get("seconds")
-    except (OSError, ValueError):
-        return None
-
-
-def _fp_of(folder: Path) -> str | None:
-    fp, _ = read_result(folder)
-    return fp
-
-
 def write_report(run_dir: Path, recipe: Recipe, records: list[dict]) -> None:
     from align.report import write_report as write
 
-    write(run_dir, recipe.name, records, _write_atomic)
+    write(run_dir, recipe.name, records, write_text_atomic)
 
 
 def _child_main(argv=None) -> None:

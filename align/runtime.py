@@ -31,17 +31,21 @@ class StageFailed(RuntimeError):
 class StageResult:
     artifacts: dict[Artifact, str] = field(default_factory=dict)  # artifact type -> path
     metrics: dict[str, float] = field(default_factory=dict)  # flat name -> number
+    seconds: float | None = None  # how long the stage took (kept, so a skipped stage still reports it)
 
     def to_json(self, root: Path | None = None) -> dict:
         """Artifact paths inside ``root`` (the run folder) are written relative to it, so a run folder
         that is moved or copied still finds its own artifacts."""
-        return {"artifacts": {str(k): _relative(v, root) for k, v in self.artifacts.items()},
+        data = {"artifacts": {str(k): _relative(v, root) for k, v in self.artifacts.items()},
                 "metrics": self.metrics}
+        if self.seconds is not None:
+            data["seconds"] = round(self.seconds, 1)
+        return data
 
     @classmethod
     def from_json(cls, data: dict, root: Path | None = None) -> StageResult:
         artifacts = {Artifact(k): _absolute(v, root) for k, v in data.get("artifacts", {}).items()}
-        return cls(artifacts, data.get("metrics", {}))
+        return cls(artifacts, data.get("metrics", {}), data.get("seconds"))
 
 
 def _relative(path: str, root: Path | None) -> str:

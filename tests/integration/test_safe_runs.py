@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from align.config.recipe import RecipeError, recipe_from_dict
-from align.runner import _settle_swap, _work_dir, run_recipe
+from align.run_folders import settle_swap, work_dir
+from align.runner import run_recipe
 from align.runtime import StageFailed, StageInputError
 from tests.conftest import tiny_sft_recipe
 
@@ -73,17 +74,17 @@ def _finished(folder: Path, fp: str) -> None:
 def test_work_folder_and_every_moment_of_a_swap_a_kill_can_leave(tmp_path):
     out = tmp_path / "round_1" / "sft"
     # nothing there: the stage's own folder; an unfinished build of the same work: resumed in place
-    assert _work_dir(out, "a", "sft") == out
+    assert work_dir(out, "a", "sft") == out
     (out / "checkpoints").mkdir()
-    assert _work_dir(out, "a", "sft") == out and (out / "checkpoints").exists()
+    assert work_dir(out, "a", "sft") == out and (out / "checkpoints").exists()
     # an unfinished build of other work is not a result: cleared
-    assert _work_dir(out, "b", "sft") == out and not (out / "checkpoints").exists()
+    assert work_dir(out, "b", "sft") == out and not (out / "checkpoints").exists()
     # a finished result of other work: built beside, the result untouched; resumed there after a kill
     (out / "result.json").write_text(json.dumps({"fingerprint": "b"}))
-    work = _work_dir(out, "c", "sft")
+    work = work_dir(out, "c", "sft")
     assert work == out.with_name("sft.next") and (out / "result.json").exists()
     (work / "checkpoints").mkdir()
-    assert _work_dir(out, "c", "sft") == work and (work / "checkpoints").exists()
+    assert work_dir(out, "c", "sft") == work and (work / "checkpoints").exists()
 
     # killed between the two renames of a swap: NAME gone, NAME.old the replaced result, NAME.next done
     for state in ("next_done_only", "old_only", "both_kept"):
@@ -101,7 +102,7 @@ def test_work_folder_and_every_moment_of_a_swap_a_kill_can_leave(tmp_path):
             _finished(target, "new")
             _finished(root / "sft.old", "old")
             expected = "new"
-        _settle_swap(target)
+        settle_swap(target)
         assert (target / "weights").read_text() == expected
         assert not (root / "sft.old").exists()
 
