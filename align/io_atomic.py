@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from data_schemas.io import append_line  # noqa: F401 (one implementation, in the lowest layer)
+
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through ``path.tmp`` + ``os.replace`` (flushed to disk first)."""
@@ -30,20 +32,6 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append ``line`` (no newline in it) and a newline to ``path``, on a line of its own even when the
-    file ends in a line cut short (that tail is ended with a newline first and stays unreadable alone)."""
-    if "\n" in line:
-        raise ValueError("append_line: the line holds a newline")
-    with open(path, "a+b") as f:
-        prefix = b""
-        if f.tell() > 0:
-            f.seek(-1, os.SEEK_END)
-            if f.read(1) != b"\n":
-                prefix = b"\n"
-        f.write(prefix + line.encode("utf-8") + b"\n")
 
 
 def read_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object | None, str | None]]:

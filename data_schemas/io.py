@@ -19,6 +19,7 @@ __all__ = [
     "DataError",
     "Records",
     "append_jsonl",
+    "append_line",
     "parse_record",
     "read_jsonl",
     "resolve_kind",
@@ -235,15 +236,22 @@ def write_jsonl(path: PathLike, records: Iterable[BaseModel | dict[str, Any]]) -
     return n
 
 
-def append_jsonl(path: PathLike, record: BaseModel | dict[str, Any]) -> None:
-    """Append one record as a line (for stores that grow); creates parent dirs. The record starts on a
-    fresh line even when the file ends in a line a kill cut short (that line stays bad on its own)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "a+b") as f:
+def append_line(path: PathLike, line: str) -> None:
+    """Append ``line`` (no newline in it) and a newline to ``path``, on a line of its own even when the
+    file ends in a line a kill cut short (that tail is ended first and stays unreadable on its own)."""
+    if "\n" in line:
+        raise ValueError("append_line: the line holds a newline")
+    with open(path, "a+b") as f:
         prefix = b""
         if f.tell() > 0:
             f.seek(-1, os.SEEK_END)
             if f.read(1) != b"\n":
                 prefix = b"\n"
-        f.write(prefix + (_dumps(record) + "\n").encode("utf-8"))
+        f.write(prefix + line.encode("utf-8") + b"\n")
+
+
+def append_jsonl(path: PathLike, record: BaseModel | dict[str, Any]) -> None:
+    """Append one record as a line (for stores that grow); creates parent dirs (see :func:`append_line`)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    append_line(p, _dumps(record))

@@ -15,8 +15,9 @@ import random
 from functools import partial
 
 from data_schemas import Message, PreferenceRecord, SFTRecord
-from eval.world import chat_records as world_chat_records
-from eval.world import dialogue_records, eval_prompt_records, preference_records, prompt_records, sft_records
+from eval.world import eval_prompt_records, preference_records, prompt_records, sft_records
+from eval.world_chats import chat_records as world_chat_records
+from eval.world_chats import dialogue_records
 
 _WORDS = (
     "apple river stone cloud tiger lemon piano rocket garden silver window candle forest button "

@@ -76,6 +76,18 @@ def attach(instruction: str, user: str) -> str:
     return f"{instruction} {user}"
 
 
+def as_seen(plan: DialoguePlan, answers: Sequence[str]) -> list[tuple[list[dict], str]]:
+    """Each turn as the model answered it: (the messages it saw, the instruction before every user
+    message; its answer)."""
+    messages: list[dict] = []
+    turns = []
+    for user, answer in zip(plan.users, answers, strict=True):
+        messages.append({"role": "user", "content": attach(plan.instruction, user)})
+        turns.append((list(messages), answer))
+        messages.append({"role": "assistant", "content": answer})
+    return turns
+
+
 def gatt_record(plan: DialoguePlan, answers: Sequence[str], placement: str, loss_on: str,
                 source: str = "gatt", meta: dict | None = None,
                 passing: Sequence[bool] | None = None) -> SFTRecord:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from align.config.sampling import GenerationBackend, SamplingParams
 from align.generation.protocol import Generator, Prompt, Sample, prompt_ids
 
-__all__ = ["GenerationBackend", "Generator", "Prompt", "Sample", "SamplingParams", "make_generator", "prompt_ids"]
+__all__ = ["GenerationBackend", "Generator", "Prompt", "Sample", "SamplingParams", "make_generator", "policy_generator",
+           "prompt_ids"]
 
 
 def make_generator(backend: GenerationBackend = "hf", model_path: str | None = None, *, model=None,
@@ -47,6 +48,23 @@ def make_generator(backend: GenerationBackend = "hf", model_path: str | None = N
             tokenizer = _load_tokenizer(model_path)
         return VLLMGenerator(model_path, tokenizer, **options)
     raise ValueError(f"unknown generation backend {backend!r}; known: 'hf', 'vllm'")
+
+
+def policy_generator(spec, path: str, backend: GenerationBackend, seed: int, device, make=None) -> Generator:
+    """The policy of a stage (``spec`` resolved to ``path``) as a generator: with hf, loaded without LoRA
+    or activation checkpointing, in eval mode on ``device``; with vllm, its HF folder (a GGUF spec's
+    converted one). ``make``: the factory (default :func:`make_generator`; stages pass theirs so tests can
+    replace it)."""
+    from align.models.gguf import hf_folder
+    from align.models.loading import load_causal_lm, load_tokenizer
+
+    make = make or make_generator
+    tokenizer = load_tokenizer(spec, path)
+    if backend == "hf":
+        plain = spec.model_copy(update={"lora": None, "gradient_checkpointing": False})
+        model = load_causal_lm(plain, path, tokenizer, seed=seed).to(device).eval()
+        return make("hf", model=model, tokenizer=tokenizer)
+    return make("vllm", hf_folder(spec, path), tokenizer=tokenizer)
 
 
 def _load_tokenizer(model_path: str):

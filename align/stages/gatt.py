@@ -23,13 +23,11 @@ import warnings
 
 from align.config.base import Artifact
 from align.config.gatt import GattStage
-from align.data.gatt import attach, gatt_record, plan_dialogues
+from align.data.gatt import as_seen, attach, gatt_record, plan_dialogues
 from align.data.sources import load_sft
-from align.generation import make_generator
+from align.generation import make_generator, policy_generator
 from align.generation.dialogue import roll_out
 from align.io_atomic import append_line, read_json_lines
-from align.models.gguf import hf_folder
-from align.models.loading import load_causal_lm, load_tokenizer
 from align.runtime import StageContext, StageInputError, StageResult
 from data_schemas import Message, write_jsonl
 
@@ -63,14 +61,8 @@ def _make_missing(stage: GattStage, ctx: StageContext, plans, batches, accelerat
     mine = [b for b in range(len(batches)) if b % world == rank and b not in done]
     if not mine:
         return 0
-    path = ctx.model_path(stage.model)
-    tokenizer = load_tokenizer(stage.model, path)
-    if stage.backend == "hf":
-        spec = stage.model.model_copy(update={"lora": None, "gradient_checkpointing": False})
-        model = load_causal_lm(spec, path, tokenizer, seed=ctx.seed).to(accelerator.device).eval()
-        generator = make_generator("hf", model=model, tokenizer=tokenizer)
-    else:
-        generator = make_generator("vllm", hf_folder(stage.model, path), tokenizer=tokenizer)
+    generator = policy_generator(stage.model, ctx.model_path(stage.model), stage.backend, ctx.seed,
+                                 accelerator.device, make=make_generator)
     choose = _best_of(stage, ctx) if stage.k > 1 else None
     store = ctx.out_dir / f"store.rank{rank}.jsonl"
     bar = tqdm(total=len(mine), desc=f"{stage.name} dialogues", disable=not accelerator.is_main_process)
@@ -174,13 +166,10 @@ def _answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[
 
     prompts, texts, owner = [], [], []
     for i, (plan, dialogue) in enumerate(zip(plans, answers, strict=True)):
-        messages: list[dict] = []
-        for user, answer in zip(plan.users, dialogue, strict=True):
-            messages.append({"role": "user", "content": attach(plan.instruction, user)})
-            prompts.append(list(messages))
+        for seen, answer in as_seen(plan, dialogue):
+            prompts.append(seen)
             texts.append(answer)
             owner.append(i)
-            messages.append({"role": "assistant", "content": answer})
     flat = build_reward(stage.reward, ctx.model_path)(prompts, texts, [False] * len(texts)).tolist() if texts else []
     scores: list[list[float]] = [[] for _ in plans]
     for i, x in zip(owner, flat, strict=True):
@@ -195,16 +184,13 @@ def _gold_metrics(plans, answers) -> dict:
 
     followed, correct = [], []
     for plan, dialogue in zip(plans, answers, strict=True):
-        messages: list[dict] = []
-        for user, answer in zip(plan.users, dialogue, strict=True):
-            messages.append({"role": "user", "content": attach(plan.instruction, user)})
+        for seen, answer in as_seen(plan, dialogue):
             try:
-                j = judge(messages, answer)
+                j = judge(seen, answer)
             except ValueError:  # not a world question
                 return {}
             followed.append(bool(j.instruction_ok))
             correct.append(j.kind in ("correct", "refusal_ok"))
-            messages.append({"role": "assistant", "content": answer})
     n = max(len(followed), 1)
     return {"gold_instruction_following": sum(followed) / n, "gold_task_accuracy": sum(correct) / n}
 

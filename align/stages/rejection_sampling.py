@@ -22,10 +22,8 @@ from pathlib import Path
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.rejection_sampling import RejectionSamplingStage
 from align.data.sources import load_prompts
-from align.generation import make_generator
+from align.generation import make_generator, policy_generator
 from align.io_atomic import append_line, read_json_lines
-from align.models.gguf import hf_folder
-from align.models.loading import load_causal_lm, load_tokenizer
 from align.models.reward_fn import build_reward
 from align.runtime import StageContext, StageInputError, StageResult
 from data_schemas import Message, PreferenceRecord, ScoredSample, SFTRecord, read_jsonl, write_jsonl
@@ -82,14 +80,8 @@ def generate_missing(stage: RejectionSamplingStage, ctx: StageContext, prompts, 
     mine = [b for b in range(len(batches)) if b % world == rank and b not in done]
     if not mine:
         return 0
-    path = ctx.model_path(stage.model)
-    tokenizer = load_tokenizer(stage.model, path)
-    if stage.backend == "hf":
-        spec = stage.model.model_copy(update={"lora": None, "gradient_checkpointing": False})
-        model = load_causal_lm(spec, path, tokenizer, seed=ctx.seed).to(accelerator.device).eval()
-        generator = make_generator("hf", model=model, tokenizer=tokenizer)
-    else:
-        generator = make_generator("vllm", hf_folder(stage.model, path), tokenizer=tokenizer)
+    generator = policy_generator(stage.model, ctx.model_path(stage.model), stage.backend, ctx.seed,
+                                 accelerator.device, make=make_generator)
     store = ctx.out_dir / f"store.rank{rank}.jsonl"
     bar = tqdm(total=len(mine), desc=f"{stage.name} sampling", disable=not accelerator.is_main_process)
     made = 0
