@@ -187,3 +187,35 @@ def test_loss_on_passing_trains_exactly_the_answers_that_score_enough(tmp_path, 
                 trained += passes
                 seen.append(msg)
     assert trained == m["trained_answers"] > 0 and any(m.get("weight") == 0 for r in rows for m in r["messages"])
+
+
+class BestLastGenerator(ScriptedGenerator):
+    """k samples per prompt: k-1 wrong answers, then the right one that follows the instructions."""
+
+    def sample(self, prompts, k, params):
+        from eval.instruction_retention import follow_all
+        from rewards.world import find_instructions, parse_task
+
+        self.prompts.append(prompts)
+        out = []
+        for p in prompts:
+            text = p[-1]["content"]
+            right = follow_all(find_instructions(text), parse_task(text))
+            texts = ["I don't know."] * (k - 1) + [right]
+            out.append([Sample(text=t, token_ids=[], logps_sum=0.0, finish_reason="stop") for t in texts])
+        return out
+
+
+def test_k_samples_per_turn_keep_the_best_by_the_reward(tmp_path, monkeypatch):
+    tiny = steady_tiny(tmp_path / "tiny")
+    data = gatt_recipe(tiny, k=3, reward={"function": "gold"})
+    run_scripted(tmp_path, monkeypatch, data, BestLastGenerator())
+    from rewards.world import parse_task
+
+    picked = []
+    for r in records(tmp_path):
+        msgs = [m for m in r["messages"] if m["role"] != "system"]
+        for user, answer in zip(msgs[::2], msgs[1::2], strict=True):
+            if parse_task(user["content"]).spec.domain == "helpfulness":
+                picked.append(answer["content"])
+    assert picked and "I don't know." not in picked  # the reward's pick (the last sample), not the first
