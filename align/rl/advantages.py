@@ -21,6 +21,8 @@ n / (n - 1)) by default, as TRL's PPO whitens with it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from align.losses.kl import kl_k1, kl_k3
@@ -49,11 +51,26 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var * (n / (n - 1)) if unbiased else var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    sum_over_processes: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the masked entries (unbiased var), 0 outside the mask.
 
-    ``shift_mean=False`` adds the mean back: only the scale changes (what TRL does for rewards)."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    ``shift_mean=False`` adds the mean back: only the scale changes (what TRL does for rewards).
+    ``sum_over_processes(t) -> t`` sums a tensor over the processes of a distributed run: the mean and the
+    variance are then those of the masked entries of every process (as if one process held them all)."""
+    if sum_over_processes is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        count_and_total = sum_over_processes(torch.stack([mask.sum().to(x.dtype), torch.where(mask, x, 0).sum()]))
+        n, mean = count_and_total[0], count_and_total[1] / count_and_total[0]
+        if int(n) < 2:
+            raise ValueError(f"masked_whiten needs at least 2 masked entries over all processes, got {int(n)}")
+        var = sum_over_processes(torch.where(mask, (x - mean) ** 2, 0).sum()) / (n - 1)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -13,7 +13,9 @@ single ``forward``. Checkpoints at iteration boundaries (``train.save_every`` co
 rollout seed of iteration i is a function of i, so a resumed run repeats exactly what an uninterrupted one
 does.
 
-Simplifications: advantages are whitened per process; every process loads the reward models.
+Several processes: each rolls out its share of the rollout batch; advantages are whitened over all of them
+(the statistics are summed across processes), so two processes train like one with twice the
+accumulation (tested). Every process loads the reward models.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.common import load_policy, make_accelerator
+from align.train.collective import sum_over_processes
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -306,17 +309,19 @@ def _rollout(model, reference, tokenizer, batch_prompts, samples, scores, eot, k
     ref_logps = torch.cat(ref) * response_mask
     rollout = Rollout(sequences, attention_mask, response_mask, logps, ref_logps, values, scores)
     rollout.rewards, kl, rollout.advantages, rollout.returns = advantages_of(
-        scores, logps, ref_logps, values, response_mask, kl_coef, stage)
+        scores, logps, ref_logps, values, response_mask, kl_coef, stage, sum_over_processes(accelerator))
     return rollout, kl
 
 
-def advantages_of(scores, logps, ref_logps, values, response_mask, kl_coef: float, stage: PPOStage):
+def advantages_of(scores, logps, ref_logps, values, response_mask, kl_coef: float, stage: PPOStage,
+                  process_sum=None):
     """The rollout's arithmetic once the models have spoken -> (rewards, kl, advantages, returns), each
-    (B, T): KL-penalised per-token rewards, GAE, advantages whitened if the stage says so."""
+    (B, T): KL-penalised per-token rewards, GAE, advantages whitened (over every process's tokens when
+    ``process_sum`` is given) if the stage says so."""
     rewards, kl = kl_penalized_rewards(scores, logps, ref_logps, response_mask, kl_coef, stage.kl_estimator)
     advantages, returns = gae(rewards, values, response_mask, stage.gamma, stage.lam)
     if stage.whiten_advantages:
-        advantages = masked_whiten(advantages, response_mask)
+        advantages = masked_whiten(advantages, response_mask, sum_over_processes=process_sum)
     return rewards, kl, advantages, returns
 
 

@@ -45,6 +45,38 @@ def test_masked_mean_var_whiten():
         masked_var(x, torch.tensor([[T, F, F, F]]))
 
 
+def test_masked_whiten_over_processes_uses_every_process_s_entries():
+    # two "processes" (threads meeting at a barrier) hold [1, 2 | 9 masked] and [3, 6]: the whitening must
+    # use the statistics of 1, 2, 3, 6 (mean 3, squared deviations 4 + 1 + 0 + 9 = 14, unbiased var 14 / 3)
+    import threading
+
+    shards = [(tensor([[1.0, 2.0, 9.0]]), torch.tensor([[T, T, F]])), (tensor([[3.0, 6.0, 0.0]]), torch.tensor([[T, T, F]]))]
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def process(rank):
+        def total(t):
+            slots[rank] = t
+            barrier.wait()
+            result = slots[0] + slots[1]
+            barrier.wait()
+            return result
+
+        x, mask = shards[rank]
+        out[rank] = masked_whiten(x, mask, sum_over_processes=total)
+
+    threads = [threading.Thread(target=process, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s = 1 / math.sqrt(14 / 3 + 1e-8)
+    close(out[0], [[-2 * s, -1 * s, 0.0]])
+    close(out[1], [[0.0, 3 * s, 0.0]])
+    # one process: the same as without the reduction
+    x, mask = shards[1]
+    close(masked_whiten(x, mask, sum_over_processes=lambda t: t), masked_whiten(x, mask))
+
+
 # ---- KL-penalised rewards ----------------------------------------------------------------------------------
 
 # row 0: [prompt | 3 response tokens]; row 1: [prompt | 2 response tokens | padding with junk log-probs]
