@@ -42,8 +42,8 @@ from align.rl.advantages import gae, kl_penalized_rewards, masked_mean, masked_w
 from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
 from align.runtime import StageContext, StageInputError, StageResult
-from align.train.common import load_policy, make_accelerator
 from align.train.collective import sum_over_processes
+from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
