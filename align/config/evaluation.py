@@ -73,6 +73,11 @@ class EvaluationStage(StageBase):
     gold: Literal["auto", "on", "off"] = Field(
         "auto", description="gold metrics of the built-in world: auto = when the prompts are world prompts"
     )
+    snapshots: bool = Field(
+        False, description="also evaluate the policy's snapshots (its stage's train.snapshot_every) with the "
+        "same prompts, decoding and reference: gold metrics and kl_to_reference per step in snapshots.jsonl "
+        "(the last row is the final policy)",
+    )
     retention: RetentionEval | None = Field(
         None, description="also run the multi-turn instruction-retention evaluation on the built-in "
         "world's dialogues (whatever the prompts are); writes retention.jsonl and retention.png",

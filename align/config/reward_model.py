@@ -74,6 +74,9 @@ class RewardModelStage(StageBase):
             unknown = sorted(set(self.margin) - set(STRENGTHS))
             if unknown:
                 raise ValueError(f"margin: unknown strength(s) {unknown}; known: {', '.join(STRENGTHS)}")
+        if self.train.snapshot_every:
+            raise ValueError("train.snapshot_every writes policy snapshots; a reward model has none (use "
+                             "save_every for checkpoints)")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.train.max_length:
             raise ValueError("max_prompt_length must be smaller than train.max_length")
         return self

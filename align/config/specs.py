@@ -179,6 +179,10 @@ class TrainConfig(Strict):
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision")
     save_every: int = Field(0, ge=0, description="checkpoint (save_state) every N steps; 0: only at the end")
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")
+    snapshot_every: int = Field(
+        0, ge=0, description="also write the policy as an HF folder snapshots/step_N every N steps (PPO: "
+        "iterations) to evaluate along the run (evaluate's snapshots: true); 0: none. Policy stages only",
+    )
     log_every: int = Field(1, gt=0, description="write metrics every N steps")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(
         default_factory=lambda: ["tensorboard"], description="metric sinks besides metrics.jsonl"

@@ -15,7 +15,7 @@ import torch
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.evaluation import EvaluationStage, RetentionEval
 from align.config.sampling import SamplingParams
-from align.config.specs import ModelSpec
+from align.config.specs import ModelSpec, as_refs
 from align.data.sources import load_prompts
 from align.generation import make_generator
 from align.models.kl import kl_to_reference
@@ -96,7 +96,31 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
     # step 3
     write_jsonl(ctx.output(Artifact.SAMPLES), answers(prompts, responses, gold="gold_helpfulness" in metrics))
     (Path(ctx.out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    # step 4
+    if stage.snapshots:
+        metrics["snapshots"] = float(_evaluate_snapshots(stage, ctx, prompts, reference, metrics))
     return StageResult(metrics=metrics)
+
+
+def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, reference, final: dict) -> int:
+    """Evaluate every snapshot of the policy's stage like the policy itself (no reward models, no
+    retention) -> how many; writes ``snapshots.jsonl``: one row per snapshot by step, then the final
+    policy's (its step: the stage's ``steps`` or ``iterations`` when it reports them)."""
+    from align.io_atomic import write_text_atomic
+    from align.models.snapshots import list_snapshots
+
+    rows = []
+    for step, folder in list_snapshots(ctx.model_path(stage.model)):
+        m, _ = evaluate(str(folder), prompts, spec=stage.model, reference_path=reference,
+                        reference_spec=stage.reference, sampling=stage.sampling, backend=stage.backend,
+                        gold=stage.gold, seed=ctx.seed)
+        rows.append({"step": step, **m})
+    upstream = next((ctx.upstream[r] for r in as_refs(stage.model.from_stage) if r in ctx.upstream), None)
+    done = (upstream.metrics.get("steps") or upstream.metrics.get("iterations")) if upstream else None
+    keep = ("reward/", "retention/")
+    rows.append({"step": done, **{k: v for k, v in final.items() if not k.startswith(keep)}})
+    write_text_atomic(Path(ctx.out_dir) / "snapshots.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows) - 1
 
 
 def answers(prompts: list[PromptRecord], responses: list[str], gold: bool) -> list[ScoredSample]:

@@ -28,6 +28,7 @@ from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.reference import reference_logps
+from align.train.snapshots import snapshot_saver
 
 
 def make_loss_fn(beta: float, nll_weight: float, label_smoothing: float):
@@ -138,6 +139,8 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
         make_batch=batcher(train_ex, train_ref), loss_fn=loss_fn, units=pair_count, cfg=cfg,
         out_dir=ctx.out_dir, logger=logger, desc=stage.name,
+        on_step=snapshot_saver(accelerator, cfg.snapshot_every, len(plan), ctx.out_dir,
+                               lambda: accelerator.unwrap_model(model).lm, tokenizer),
     )
     # step 8
     end = score()

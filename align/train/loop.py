@@ -197,10 +197,10 @@ def train(
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                         tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)  # drawn at tqdm's interval
         bar.update(1)
+        if on_step is not None:  # before the checkpoint: a run resumed from it has had on_step(done)
+            on_step(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
             checkpoints.save(done, {"tokens": tokens_seen, "first_loss": first_loss})
-        if on_step is not None:
-            on_step(done)
     bar.close()
     return TrainSummary(
         steps=len(plan),

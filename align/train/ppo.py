@@ -47,6 +47,7 @@ from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.snapshots import snapshot_saver
 from eval.world_eval import is_world_prompts
 
 
@@ -165,6 +166,8 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
                       f"{stage.rollout_batch_size} rollouts x {stage.ppo_epochs} epochs, "
                       f"{total / 1e6:.2f}M parameters (policy + value)")
     loss_fn = make_loss_fn(stage)
+    snapshot = snapshot_saver(accelerator, cfg.snapshot_every, stage.iterations, ctx.out_dir,
+                              lambda: accelerator.unwrap_model(model).policy, tokenizer)
     bar = progress_bar(accelerator, stage.iterations, start, stage.name)
     last = None
     # step 5
@@ -204,6 +207,8 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
         logger.log(done, metrics)
         bar.set_postfix(reward=f"{metrics['score']:.3f}", kl=f"{kl_per_seq:.3f}", refresh=False)
         bar.update(1)
+        if snapshot is not None:  # before the checkpoint, so a run resumed from it has the snapshot
+            snapshot(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.iterations:
             checkpoints.save(done, {"kl_controller": kl_ctl.state_dict(), "first": first})
     bar.close()

@@ -22,6 +22,7 @@ from align.train.common import evaluate_sums, load_policy, make_accelerator, pla
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.snapshots import snapshot_saver
 
 
 def sft_loss(model, batch):
@@ -116,6 +117,8 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
         accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
         make_batch=make_train_batch, loss_fn=sft_loss, units=scored_tokens, cfg=cfg,
         out_dir=ctx.out_dir, logger=logger, desc=stage.name,
+        on_step=snapshot_saver(accelerator, cfg.snapshot_every, len(plan), ctx.out_dir,
+                               lambda: accelerator.unwrap_model(model).lm, tokenizer),
     )
     # step 6
     eval_after = held_out_loss()
