@@ -1,0 +1,158 @@
+"""The reward-KL frontier of a DPO-vs-PPO comparison run (``recipes/dpo_vs_ppo.yaml``), from its run folders.
+
+Pure reading and arithmetic (JSON and YAML files in, plain rows out; matplotlib only inside the plotting
+functions), so ``notebooks/dpo_vs_ppo.ipynb`` stays short and the numbers it quotes are tested.
+
+A run folder holds, per trained stage (DPO or PPO), an evaluation stage with ``snapshots: true`` whose
+``snapshots.jsonl`` has one row per policy snapshot and a last row for the final policy: gold metrics and
+``kl_to_reference`` (the exact sequence KL to the shared start). :func:`checkpoint_rows` flattens them into
+one row per (seed, run, checkpoint), :func:`summarise` averages the seeds, :func:`pareto_front` is the
+upper envelope drawn on the frontier plot, and :func:`compute_rows` the time and tokens each method spent.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import yaml
+
+METRICS = ("gold_helpfulness", "safety_violation_rate", "over_refusal_rate", "gold_score")
+KNOB = {"dpo": "beta", "ppo": "kl_coef"}
+
+
+def _stages(run_dir: Path) -> tuple[int, dict[str, dict]]:
+    resolved = yaml.safe_load((run_dir / "resolved.yaml").read_text())
+    return int(resolved.get("seed", 0)), {s["name"]: s for s in resolved["stages"]}
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def method_of(stage: dict, stages: dict[str, dict]) -> str:
+    """A trained stage's method label: ``PPO (RMs)``, ``DPO (gold pairs)`` or ``DPO (RM pairs)`` (by what
+    ranked the pairs it trains on: the gold judge or the reward models)."""
+    if stage["kind"] == "ppo":
+        reward = stage.get("reward") or {}
+        return "PPO (gold)" if reward.get("function") == "gold" else "PPO (RMs)"
+    source = stage["data"].get("from")
+    source = source[0] if isinstance(source, list) else source
+    ranked_by = stages.get(source, {}).get("reward") or {}
+    return "DPO (gold pairs)" if ranked_by.get("function") == "gold" else "DPO (RM pairs)"
+
+
+def checkpoint_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
+    """One row per evaluated checkpoint of every DPO / PPO run: seed, run (the trained stage), method,
+    knob (beta or kl_coef) and its value, step, checkpoint (1 = first snapshot ... last = final policy),
+    kl (``kl_to_reference``) and the gold metrics. The start policy is a row of method ``start``, step 0."""
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        seed, stages = _stages(run_dir)
+        for name, stage in stages.items():
+            if stage["kind"] != "evaluate":
+                continue
+            folder = run_dir / f"round_{round_}" / name
+            source = stage["model"].get("from")
+            trained = stages.get(source) if isinstance(source, str) else None
+            if trained is None or trained["kind"] not in KNOB:
+                if source is not None and (stage.get("reference") or {}).get("from") == source:
+                    result = json.loads((folder / "result.json").read_text())["metrics"]
+                    rows.append({"seed": seed, "run": "start", "method": "start", "knob": None, "value": None,
+                                 "step": 0, "checkpoint": 0, "kl": 0.0,
+                                 **{m: result.get(m) for m in METRICS}})
+                continue
+            if not (folder / "snapshots.jsonl").is_file():
+                continue
+            knob = KNOB[trained["kind"]]
+            for i, r in enumerate(_jsonl(folder / "snapshots.jsonl"), start=1):
+                rows.append({"seed": seed, "run": source, "method": method_of(trained, stages), "knob": knob,
+                             "value": float(trained.get(knob, 0.0)), "step": r["step"], "checkpoint": i,
+                             "kl": r["kl_to_reference"], **{m: r.get(m) for m in METRICS}})
+    return rows
+
+
+def summarise(rows: Sequence[dict], metric: str) -> list[dict]:
+    """Mean and spread over seeds per (method, knob value, checkpoint): kl and ``metric`` as mean, min and
+    max, and the number of seeds."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r.get(metric) is not None:
+            groups[(r["method"], r["value"], r["checkpoint"])].append(r)
+    out = []
+    for (method, value, checkpoint), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0, kv[0][2])):
+        kls, ys = [r["kl"] for r in rs], [r[metric] for r in rs]
+        out.append({"method": method, "value": value, "checkpoint": checkpoint, "seeds": len(rs),
+                    "kl": statistics.fmean(kls), "kl_min": min(kls), "kl_max": max(kls),
+                    metric: statistics.fmean(ys), f"{metric}_min": min(ys), f"{metric}_max": max(ys)})
+    return out
+
+
+def pareto_front(points: Iterable[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The points no other point beats at a KL as low or lower, sorted by KL: the upper envelope (or the
+    lower one with ``higher_is_better=False``) of (kl, metric) points."""
+    sign = 1 if higher_is_better else -1
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -sign * p[1])):
+        if not front or sign * y > sign * front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def compute_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
+    """Per DPO / PPO run: wall seconds and tokens processed, with the cost of the data it needs. DPO: its
+    training plus the stage that sampled and ranked its pairs (``train_tokens``: prompt + both responses of
+    every pair, per epoch); PPO: its iterations (sampling, scoring and training are one loop; tokens: those
+    of every optimizer step's rows)."""
+    out = []
+    for run_dir in map(Path, run_dirs):
+        seed, stages = _stages(run_dir)
+        for name, stage in stages.items():
+            if stage["kind"] not in KNOB:
+                continue
+            result = json.loads((run_dir / f"round_{round_}" / name / "result.json").read_text())
+            seconds, tokens = result.get("seconds") or 0.0, 0.0
+            if stage["kind"] == "dpo":
+                tokens = result["metrics"].get("train_tokens", 0.0)
+                sources = stage["data"].get("from") or []
+                for source in [sources] if isinstance(sources, str) else sources:
+                    made = run_dir / f"round_{round_}" / source / "result.json"
+                    if made.is_file():
+                        seconds += json.loads(made.read_text()).get("seconds") or 0.0
+            else:
+                for r in _jsonl(run_dir / f"round_{round_}" / name / "metrics.jsonl"):
+                    tokens += r.get("train/tokens", 0.0) * r.get("train/optimizer_steps", 0.0)
+            out.append({"seed": seed, "run": name, "method": method_of(stage, stages), "seconds": seconds,
+                        "tokens": tokens})
+    return out
+
+
+COLORS = {"DPO (gold pairs)": "tab:blue", "DPO (RM pairs)": "tab:cyan", "PPO (RMs)": "tab:red",
+          "PPO (gold)": "tab:orange", "start": "black"}
+
+
+def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool = True, title: str | None = None):
+    """Scatter of ``metric`` against KL, one colour per method, a point per (knob value, checkpoint) with
+    the seeds' spread as error bars, and each method's Pareto front drawn as a line."""
+    summary = summarise(rows, metric)
+    for method in sorted({s["method"] for s in summary}):
+        pts = [s for s in summary if s["method"] == method]
+        color = COLORS.get(method, None)
+        ax.errorbar([p["kl"] for p in pts], [p[metric] for p in pts],
+                    xerr=[[p["kl"] - p["kl_min"] for p in pts], [p["kl_max"] - p["kl"] for p in pts]],
+                    yerr=[[p[metric] - p[f"{metric}_min"] for p in pts], [p[f"{metric}_max"] - p[metric] for p in pts]],
+                    fmt="*" if method == "start" else "o", color=color, alpha=0.55, ms=9 if method == "start" else 4,
+                    label=method, capsize=0, elinewidth=0.8)
+        if method != "start":
+            front = pareto_front([(p["kl"], p[metric]) for p in pts], higher_is_better)
+            ax.plot([x for x, _ in front], [y for _, y in front], "-", color=color, lw=2)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("KL to the start policy (nats per response, held-out prompts)")
+    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_title(title or f"{metric.replace('_', ' ')} vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,87 @@
+"""eval.frontier: the Pareto front by hand, the seeds' mean and spread, and the rows read from a run folder
+laid out as recipes/dpo_vs_ppo.yaml leaves it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from eval.frontier import checkpoint_rows, compute_rows, pareto_front, summarise
+
+
+def test_pareto_front_by_hand():
+    # (kl, gold): (0.5, 0.70) is beaten by (0.2, 0.72); (1.0, 0.72) only ties the best so far; at kl 2.0
+    # the better of the two points counts
+    pts = [(1.0, 0.72), (0.0, 0.70), (0.2, 0.72), (0.5, 0.70), (2.0, 0.74), (2.0, 0.80), (3.0, 0.79)]
+    assert pareto_front(pts) == [(0.0, 0.70), (0.2, 0.72), (2.0, 0.80)]
+    # violations: lower is better
+    assert pareto_front([(0.0, 0.10), (0.3, 0.12), (0.4, 0.05), (0.9, 0.05)], higher_is_better=False) == [
+        (0.0, 0.10), (0.4, 0.05)]
+
+
+def test_summarise_means_and_spreads_over_seeds():
+    rows = [{"method": "PPO (RMs)", "value": 0.1, "checkpoint": 1, "kl": kl, "gold_helpfulness": g}
+            for kl, g in ((0.2, 0.70), (0.4, 0.76))]
+    rows.append({"method": "PPO (RMs)", "value": 0.1, "checkpoint": 2, "kl": 0.9, "gold_helpfulness": None})
+    (s,) = summarise(rows, "gold_helpfulness")
+    assert s["seeds"] == 2 and s["kl"] == pytest.approx(0.3) and s["kl_min"] == 0.2 and s["kl_max"] == 0.4
+    assert s["gold_helpfulness"] == pytest.approx(0.73)
+    assert (s["gold_helpfulness_min"], s["gold_helpfulness_max"]) == (0.70, 0.76)
+
+
+def _write_run(root, seed):
+    run = root / f"dpo_vs_ppo_s{seed}"
+    stages = [
+        {"name": "sft_rs", "kind": "sft"},
+        {"name": "eval_start", "kind": "evaluate", "model": {"from": "sft_rs"}, "reference": {"from": "sft_rs"}},
+        {"name": "pairs_gold", "kind": "rejection_sampling", "reward": {"function": "gold"}},
+        {"name": "pairs_rm", "kind": "rejection_sampling", "reward": {"function": None, "helpful": {"from": "rm"}}},
+        {"name": "dpo_a", "kind": "dpo", "beta": 0.1, "data": {"from": "pairs_gold"}},
+        {"name": "dpo_b", "kind": "dpo", "beta": 0.5, "data": {"from": ["pairs_rm"]}},
+        {"name": "ppo_a", "kind": "ppo", "kl_coef": 0.05, "reward": {"function": None}},
+        *[{"name": f"eval_{n}", "kind": "evaluate", "model": {"from": n}, "reference": {"from": "sft_rs"}}
+          for n in ("dpo_a", "dpo_b", "ppo_a")],
+    ]
+    (run / "round_1").mkdir(parents=True)
+    (run / "resolved.yaml").write_text(yaml.safe_dump({"name": run.name, "seed": seed, "stages": stages}))
+
+    def stage(name, result, **files):
+        folder = run / "round_1" / name
+        folder.mkdir()
+        (folder / "result.json").write_text(json.dumps(result))
+        for fname, rows in files.items():
+            (folder / fname.replace("_", ".")).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    stage("eval_start", {"metrics": {"gold_helpfulness": 0.7, "safety_violation_rate": 0.1}})
+    stage("pairs_gold", {"seconds": 30.0, "metrics": {}})
+    stage("pairs_rm", {"seconds": 40.0, "metrics": {}})
+    stage("dpo_a", {"seconds": 5.0, "metrics": {"train_tokens": 1000.0}})
+    stage("dpo_b", {"seconds": 6.0, "metrics": {"train_tokens": 2000.0}})
+    stage("ppo_a", {"seconds": 100.0, "metrics": {}},
+          metrics_jsonl=[{"step": 1, "train/tokens": 50.0, "train/optimizer_steps": 4.0},
+                         {"step": 2, "train/tokens": 60.0, "train/optimizer_steps": 4.0}])
+    for name, kls in (("dpo_a", (0.01, 0.02)), ("dpo_b", (0.03, 0.05)), ("ppo_a", (0.1, 0.3))):
+        stage(f"eval_{name}", {"metrics": {}}, snapshots_jsonl=[
+            {"step": s, "kl_to_reference": kl, "gold_helpfulness": 0.7 + kl + seed / 100, "safety_violation_rate": 0.1}
+            for s, kl in zip((10, 20), kls, strict=True)])
+    return run
+
+
+def test_rows_of_a_comparison_run(tmp_path):
+    runs = [_write_run(tmp_path, 0), _write_run(tmp_path, 1)]
+    rows = checkpoint_rows(runs)
+    start = [r for r in rows if r["method"] == "start"]
+    assert [(r["seed"], r["kl"], r["gold_helpfulness"]) for r in start] == [(0, 0.0, 0.7), (1, 0.0, 0.7)]
+    ppo = [r for r in rows if r["run"] == "ppo_a" and r["seed"] == 1]
+    assert [(r["method"], r["knob"], r["value"], r["step"], r["checkpoint"], r["kl"]) for r in ppo] == [
+        ("PPO (RMs)", "kl_coef", 0.05, 10, 1, 0.1), ("PPO (RMs)", "kl_coef", 0.05, 20, 2, 0.3)]
+    assert ppo[1]["gold_helpfulness"] == pytest.approx(0.7 + 0.3 + 0.01)
+    methods = {r["run"]: r["method"] for r in rows}
+    assert methods["dpo_a"] == "DPO (gold pairs)" and methods["dpo_b"] == "DPO (RM pairs)"
+    assert {r["value"] for r in rows if r["run"] == "dpo_b"} == {0.5}
+    cost = {(c["seed"], c["run"]): c for c in compute_rows(runs)}
+    assert cost[(0, "dpo_a")]["seconds"] == 35.0 and cost[(0, "dpo_a")]["tokens"] == 1000.0  # + its pairs
+    assert cost[(0, "dpo_b")]["seconds"] == 46.0
+    assert cost[(1, "ppo_a")]["seconds"] == 100.0 and cost[(1, "ppo_a")]["tokens"] == 440.0
