@@ -57,3 +57,12 @@ def test_dpo_vs_ppo_notebook_runs_the_grid_and_draws_the_frontier(tmp_path):
     for method in ("DPO (gold pairs)", "DPO (RM pairs)", "PPO (RMs)"):
         assert f"{method:18s} best gold" in text  # the numbers the conclusion quotes, per method
     assert (tmp_path / "dpo_vs_ppo_s0" / "report.json").is_file()  # one seed at the small size
+
+
+def test_llama_round_notebook_plots_a_round_from_its_report(tmp_path):
+    nb = execute("llama_round.ipynb", tmp_path)
+    assert errors(nb) == []
+    assert images(nb) >= 4  # by stage, by task family, RM accuracy by strength, by round
+    assert (tmp_path / "llama3_round" / "report.json").is_file()  # it ran the (tiny) default round
+    text = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in nb.cells for out in cell.get("outputs", []))
+    assert "significantly better" in text  # the Table 8 style table

@@ -1,0 +1,40 @@
+"""A recipe shrunk to a smoke-test size: the same stages, settings and wiring, on a 2-layer built-in model, a
+few hundred examples and a few steps, so a whole recipe runs in about a minute on a CPU (what the notebooks
+run in CI with ``ALIGN_NOTEBOOK_SIZE=small``). Works on the recipe as loaded from YAML (a dict), before
+validation; the numbers it produces mean nothing."""
+
+from __future__ import annotations
+
+import copy
+
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1}
+
+
+def shrink(recipe: dict) -> dict:
+    """A copy of ``recipe`` (a dict) at smoke size."""
+    recipe = copy.deepcopy(recipe)
+    for s in recipe["stages"]:
+        kind, train = s["kind"], s.get("train") or {}
+        model = s.get("model") or {}
+        if model.get("path") == "builtin:tiny":
+            s["model"] = {**model, "tiny": TINY}
+        if kind in ("sft", "reward_model"):
+            s["train"] = {**train, "epochs": 1, "save_every": 0}
+            data = s.get("data") or {}
+            if data.get("builtin"):
+                s["data"] = {**data, "builtin_size": 300 if kind == "sft" else 120}
+        elif kind in ("rejection_sampling", "gatt"):
+            s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32})
+            if kind == "rejection_sampling":
+                s["min_pair_gap"] = 0.0  # a tiny model's samples are far apart anyway; never no pairs
+            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+        elif kind == "dpo":
+            s["train"] = {**train, "max_steps": 4, "snapshot_every": 2 if train.get("snapshot_every") else 0}
+        elif kind == "ppo":
+            s.update(iterations=4, rollout_batch_size=16, prompts={"builtin": "world", "builtin_size": 64})
+            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+            s["train"] = {**train, "snapshot_every": 2 if train.get("snapshot_every") else 0}
+        elif kind == "evaluate":
+            s["prompts"] = {"builtin": "world_eval", "builtin_size": 24}
+    return recipe

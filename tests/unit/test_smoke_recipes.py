@@ -1,0 +1,33 @@
+"""align.config.smoke.shrink: every shipped recipe, shrunk, still validates and keeps its stages and wiring,
+and the shrunk sizes are what the notebooks' CI runs rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from align.config.recipe import recipe_from_dict
+from align.config.smoke import TINY, shrink
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem in ("llama3_round", "dpo_vs_ppo", "ppo", "dpo")],
+                         ids=lambda p: p.stem)
+def test_shrunk_recipes_validate_with_the_same_stages(path):
+    data = yaml.safe_load(path.read_text())
+    small = shrink(data)
+    assert [s["name"] for s in small["stages"]] == [s["name"] for s in data["stages"]]
+    assert data == yaml.safe_load(path.read_text())  # the original is not modified
+    recipe = recipe_from_dict(small)
+    for stage in recipe.stages:
+        if stage.kind == "evaluate":
+            assert stage.prompts.builtin_size == 24
+        if stage.kind == "ppo":
+            assert stage.iterations == 4
+        if stage.kind == "dpo":
+            assert stage.train.max_steps == 4
+        if getattr(stage.model, "path", None) == "builtin:tiny":
+            assert stage.model.tiny.hidden_size == TINY["hidden_size"]
