@@ -24,10 +24,11 @@ def shrink(recipe: dict) -> dict:
             data = s.get("data") or {}
             if data.get("builtin"):
                 s["data"] = {**data, "builtin_size": 300 if kind == "sft" else 120}
-        elif kind in ("rejection_sampling", "gatt"):
-            s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32})
-            if kind == "rejection_sampling":
-                s["min_pair_gap"] = 0.0  # a tiny model's samples are far apart anyway; never no pairs
+        elif kind == "rejection_sampling":
+            s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32}, min_pair_gap=0.0)
+            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+        elif kind == "gatt":
+            s["dialogues"] = {**s["dialogues"], "builtin_size": 16}
             s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
         elif kind == "dpo":
             s["train"] = {**train, "max_steps": 4, "snapshot_every": 2 if train.get("snapshot_every") else 0}

@@ -4,6 +4,7 @@ temporary folder, so the committed full-size outputs and figures are never touch
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -64,5 +65,7 @@ def test_llama_round_notebook_plots_a_round_from_its_report(tmp_path):
     assert errors(nb) == []
     assert images(nb) >= 4  # by stage, by task family, RM accuracy by strength, by round
     assert (tmp_path / "llama3_round" / "report.json").is_file()  # it ran the (tiny) default round
+    rounds = json.loads((tmp_path / "llama2_rlhf_v1_v5" / "report.json").read_text())
+    assert {r["round"] for r in rounds} == {1, 2}  # and two tiny rounds of V1-V5 for the by-round plot
     text = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in nb.cells for out in cell.get("outputs", []))
     assert "significantly better" in text  # the Table 8 style table
