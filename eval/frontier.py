@@ -6,7 +6,8 @@ functions), so ``notebooks/dpo_vs_ppo.ipynb`` stays short and the numbers it quo
 A run folder holds, per trained stage (DPO or PPO), an evaluation stage with ``snapshots: true`` whose
 ``snapshots.jsonl`` has one row per policy snapshot and a last row for the final policy: gold metrics and
 ``kl_to_reference`` (the exact sequence KL to the shared start). :func:`checkpoint_rows` flattens them into
-one row per (seed, run, checkpoint), :func:`summarise` averages the seeds, :func:`pareto_front` is the
+one row per (seed, run, checkpoint), :func:`change_from_start` pairs each with its seed's start,
+:func:`summarise` averages the seeds, :func:`pareto_front` is the
 upper envelope drawn on the frontier plot, and :func:`compute_rows` the time and tokens each method spent.
 """
 
@@ -75,6 +76,19 @@ def checkpoint_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dic
     return rows
 
 
+def change_from_start(rows: Sequence[dict]) -> list[dict]:
+    """The rows with each gold metric minus the same seed's start value: seeds whose starts differ (a few
+    points of gold helpfulness here) are compared on what each method changed, not on where they began."""
+    start = {r["seed"]: r for r in rows if r["method"] == "start"}
+    out = []
+    for r in rows:
+        base = start.get(r["seed"])
+        if base is None:
+            raise ValueError(f"seed {r['seed']} has no start row (an evaluation of the start against itself)")
+        out.append({**r, **{m: r[m] - base[m] for m in METRICS if r.get(m) is not None and base.get(m) is not None}})
+    return out
+
+
 def summarise(rows: Sequence[dict], metric: str) -> list[dict]:
     """Mean and spread over seeds per (method, knob value, checkpoint): kl and ``metric`` as mean, min and
     max, and the number of seeds."""
@@ -134,7 +148,8 @@ COLORS = {"DPO (gold pairs)": "tab:blue", "DPO (RM pairs)": "tab:cyan", "PPO (RM
           "PPO (gold)": "tab:orange", "start": "black"}
 
 
-def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool = True, title: str | None = None):
+def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool = True, title: str | None = None,
+                  ylabel: str | None = None):
     """Scatter of ``metric`` against KL, one colour per method, a point per (knob value, checkpoint) with
     the seeds' spread as error bars, and each method's Pareto front drawn as a line."""
     summary = summarise(rows, metric)
@@ -151,7 +166,7 @@ def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool 
             ax.plot([x for x, _ in front], [y for _, y in front], "-", color=color, lw=2)
     ax.set_xscale("symlog", linthresh=0.01)
     ax.set_xlabel("KL to the start policy (nats per response, held-out prompts)")
-    ax.set_ylabel(metric.replace("_", " "))
+    ax.set_ylabel(ylabel or metric.replace("_", " "))
     ax.set_title(title or f"{metric.replace('_', ' ')} vs KL")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -8,7 +8,7 @@ import json
 import pytest
 import yaml
 
-from eval.frontier import checkpoint_rows, compute_rows, pareto_front, summarise
+from eval.frontier import change_from_start, checkpoint_rows, compute_rows, pareto_front, summarise
 
 
 def test_pareto_front_by_hand():
@@ -85,3 +85,16 @@ def test_rows_of_a_comparison_run(tmp_path):
     assert cost[(0, "dpo_a")]["seconds"] == 35.0 and cost[(0, "dpo_a")]["tokens"] == 1000.0  # + its pairs
     assert cost[(0, "dpo_b")]["seconds"] == 46.0
     assert cost[(1, "ppo_a")]["seconds"] == 100.0 and cost[(1, "ppo_a")]["tokens"] == 440.0
+
+
+def test_change_from_start_pairs_each_seed_with_its_own_start(tmp_path):
+    runs = [_write_run(tmp_path, 0), _write_run(tmp_path, 1)]
+    changed = change_from_start(checkpoint_rows(runs))
+    ppo = {(r["seed"], r["checkpoint"]): r for r in changed if r["run"] == "ppo_a"}
+    # gold 0.7 + kl + seed / 100 against a start of 0.7 for both seeds
+    assert ppo[(0, 2)]["gold_helpfulness"] == pytest.approx(0.3)
+    assert ppo[(1, 2)]["gold_helpfulness"] == pytest.approx(0.31)
+    assert ppo[(1, 2)]["kl"] == 0.3  # the KL is already measured from the start
+    assert all(r["gold_helpfulness"] == 0 for r in changed if r["method"] == "start")
+    with pytest.raises(ValueError, match="no start row"):
+        change_from_start([r for r in checkpoint_rows(runs) if r["method"] != "start"])
