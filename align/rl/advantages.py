@@ -63,14 +63,12 @@ def masked_whiten(
     ``shift_mean=False`` adds the mean back: only the scale changes (what TRL does for rewards).
     ``sum_over_processes(t) -> t`` sums a tensor over the processes of a distributed run: the mean and the
     variance are then those of the masked entries of every process (as if one process held them all)."""
-    if sum_over_processes is None:
-        mean, var = masked_mean(x, mask), masked_var(x, mask)
-    else:
-        count_and_total = sum_over_processes(torch.stack([mask.sum().to(x.dtype), torch.where(mask, x, 0).sum()]))
-        n, mean = count_and_total[0], count_and_total[1] / count_and_total[0]
-        if int(n) < 2:
-            raise ValueError(f"masked_whiten needs at least 2 masked entries over all processes, got {int(n)}")
-        var = sum_over_processes(torch.where(mask, (x - mean) ** 2, 0).sum()) / (n - 1)
+    total = sum_over_processes or (lambda t: t)
+    count_and_sum = total(torch.stack([mask.sum().to(x.dtype), torch.where(mask, x, 0).sum()]))
+    n, mean = count_and_sum[0], count_and_sum[1] / count_and_sum[0]
+    if int(n) < 2:
+        raise ValueError(f"masked_whiten needs at least 2 masked entries (over all processes), got {int(n)}")
+    var = total(torch.where(mask, (x - mean) ** 2, 0).sum()) / (n - 1)  # unbiased, as masked_var
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

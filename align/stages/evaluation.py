@@ -117,8 +117,8 @@ def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, refe
         rows.append({"step": step, **m})
     upstream = next((ctx.upstream[r] for r in as_refs(stage.model.from_stage) if r in ctx.upstream), None)
     done = (upstream.metrics.get("steps") or upstream.metrics.get("iterations")) if upstream else None
-    keep = ("reward/", "retention/")
-    rows.append({"step": done, **{k: v for k, v in final.items() if not k.startswith(keep)}})
+    not_measured = ("reward/", "retention/")  # the snapshots are not scored by RMs nor in dialogues
+    rows.append({"step": done, **{k: v for k, v in final.items() if not k.startswith(not_measured)}})
     write_text_atomic(Path(ctx.out_dir) / "snapshots.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows) - 1
 
