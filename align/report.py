@@ -24,14 +24,31 @@ def _kept_vs_mean(m: dict) -> str | None:
     return f"{m['gold_best_mean']:.3f} / {m['gold_sample_mean']:.3f}"
 
 
+def _start_end(key: str) -> Cell:
+    def cell(m: dict) -> str | None:
+        if m.get(key) is None or m.get(f"{key}_start") is None:
+            return None
+        return f"{m[f'{key}_start']:.3f} -> {m[key]:.3f}"
+    return cell
+
+
+def _rewards(m: dict) -> str | None:
+    scores = {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("reward/")}
+    return " / ".join(f"{n} {v:+.2f}" for n, v in sorted(scores.items())) or None
+
+
 COMPACT: list[tuple[str, Cell]] = [
     ("gold helpfulness", _num("gold_helpfulness")),
     ("violation rate", _num("safety_violation_rate")),
     ("over-refusal", _num("over_refusal_rate")),
     ("KL to reference", _num("kl_to_reference")),
     ("RM accuracy", _num("rm_accuracy")),
+    ("RM length baseline", _num("rm_accuracy_length_baseline")),
+    ("held-out logp preference (DPO)", _start_end("eval_logp_accuracy")),
     ("gold kept / mean (RS)", _kept_vs_mean),
+    ("mean RM score", _rewards),
 ]
+GENERATIONS = 3  # prompts shown in the report's generations section
 GOLD_CURVES = (("gold_helpfulness", "gold helpfulness"), ("safety_violation_rate", "violation rate"),
                ("over_refusal_rate", "over-refusal rate"))
 
@@ -104,6 +121,45 @@ def retention_table(run_dir: Path, records: list[dict]) -> list[str]:
     return lines
 
 
+def _first_user_text(prompt: list[dict]) -> str:
+    return next((m["content"] for m in reversed(prompt) if m["role"] == "user"), "")
+
+
+def _short(text: str, limit: int) -> str:
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def generations_table(run_dir: Path, records: list[dict], count: int = GENERATIONS, limit: int = 240) -> list[str]:
+    """The first ``count`` held-out prompts and every evaluated policy's answer to each (from the evaluate
+    stages' ``answers.jsonl``, in run order): the before/after of each policy stage, to read."""
+    evals = []
+    for r in records:
+        path = r["artifacts"].get("samples") if r["kind"] == "evaluate" else None
+        if path and (run_dir / path).is_file():
+            with (run_dir / path).open() as f:
+                rows = [json.loads(line) for _, line in zip(range(4 * count), f)]
+            evals.append((r, {json.dumps(x["prompt"]): x["response"]["content"] for x in rows}))
+    if not evals:
+        return []
+    prompts = []
+    for _, answers in evals:
+        prompts += [p for p in answers if p not in prompts]
+    prompts = prompts[:count]
+    rounds = len({r["round"] for r, _ in evals}) > 1
+    lines = ["", "## Generations, before and after each policy stage", "",
+             f"The first {len(prompts)} held-out prompts, answered greedily by each evaluated policy "
+             f"(cut at {limit} characters; whole answers in each evaluation's answers.jsonl).", ""]
+    for i, key in enumerate(prompts, 1):
+        lines += [f"**Prompt {i}.** {_short(_first_user_text(json.loads(key)), limit)}", "",
+                  "| policy | answer |", "|---|---|"]
+        for r, answers in evals:
+            name = f"r{r['round']} {r['stage']}" if rounds else r["stage"]
+            lines.append(f"| {name} | {_short(answers.get(key, '(blank: left out)'), limit)} |")
+        lines.append("")
+    return lines
+
+
 def plot_gold(path: Path, records: list[dict], title: str) -> bool:
     """The gold metrics of every evaluated stage, in run order (labels carry the round when there are
     several). -> False when matplotlib is missing or nothing was evaluated."""
@@ -150,6 +206,7 @@ def write_report(run_dir: Path, name: str, records: list[dict], write=None) -> N
         lines += ["", "![gold metrics by stage](report.png)"]
     lines += ["", "## Every metric, by stage kind", *kind_tables(records)]
     lines += retention_table(run_dir, records)
+    lines += generations_table(run_dir, records)
     lines += ["", "## Artifacts", ""]
     lines += [f"- round {r['round']} {r['stage']}: {a}: `{p}`" for r in records for a, p in r["artifacts"].items()]
     write(run_dir / "report.md", "\n".join(lines) + "\n")

@@ -11,6 +11,10 @@ the scores of its responses in ranked order (best first), its strength (or None)
   for pairwise data);
 - ``rm_top1_accuracy``: records whose best response gets the highest score (ties count 1/k);
 - ``rm_mean_margin``: mean of ``score(best) - score(worst)`` over records (``r_chosen - r_rejected``).
+
+:func:`length_baseline_accuracy` is the same pairwise accuracy for a "reward model" that scores a response
+by its length in characters: the bar a trained reward model has to clear on data where the preferred
+answer is usually the longer one (on the shared prefs_helpful data, 69% of chosen responses are longer).
 """
 
 from __future__ import annotations
@@ -59,6 +63,13 @@ def ranking_accuracy(
     out[f"{prefix}num_records"] = float(n)
     out[f"{prefix}num_pairs"] = float(sum(len(r) * (len(r) - 1) // 2 for r in scores))
     return out
+
+
+def length_baseline_accuracy(records) -> float:
+    """``rm_accuracy`` of scoring each response by its length in characters (ties count one half), for
+    records with ranked ``responses`` (best first) of messages with ``content``."""
+    lengths = [[float(len(m.content)) for m in r.responses] for r in records]
+    return ranking_accuracy(lengths)["rm_accuracy"] if lengths else float("nan")
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -37,6 +37,11 @@ class LoraConfig(Strict):
     target_modules: list[str] | Literal["all-linear"] = Field(
         "all-linear", description="module names to adapt, or all-linear"
     )
+    last_layers: int | None = Field(
+        None, gt=0, description="adapt only the last N decoder layers (peft's layers_to_transform); the "
+        "layers below get no gradient, so the backward pass stops at them (about 2x faster training of "
+        "SmolLM2-135M on a CPU with 8 of 30). null: every layer",
+    )
 
 
 PREV = "prev."  # a reference to a stage of the previous round: "prev.dpo"
@@ -117,7 +122,11 @@ class DataSpec(Strict):
     )
     builtin: str | None = Field(None, description="a built-in data set, e.g. 'chat' (generated, no download)")
     builtin_size: int = Field(512, gt=0, description="records to generate for a built-in set")
-    limit: int | None = Field(None, gt=0, description="read at most this many records")
+    limit: int | None = Field(None, gt=0, description="read at most this many records (the first ones)")
+    sample: int | None = Field(
+        None, gt=0, description="then keep a random subset of this many records (seeded, file order kept): "
+        "a representative slice of a file whose records are grouped by source",
+    )
     skip_bad_rows: bool = Field(False, description="skip rows that fail validation (count reported)")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction held out for evaluation")
 

@@ -30,7 +30,7 @@ from align.config.specs import DataSpec
 from align.data.builtin import BUILTIN_PREFERENCE
 from align.data.chat import ChatFormatError, assistant_char_spans
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import builtin_records, read_records, split_by_prompt
+from align.data.sources import builtin_records, read_records, split_by_prompt, subset
 from data_schemas import PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
@@ -66,8 +66,7 @@ def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[l
         records = builtin_records(BUILTIN_PREFERENCE, spec, seed, "preference")
     else:
         records = read_records(list(paths), "preference", spec.skip_bad_rows)
-    if spec.limit is not None:
-        records = records[: spec.limit]
+    records = subset(records, spec, seed)
     return split_by_prompt(records, spec.eval_fraction, seed)
 
 

@@ -41,11 +41,20 @@ def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | N
         records = builtin_records(BUILTIN_SFT, spec, seed, "SFT")
     else:
         records = read_records(paths, "sft", spec.skip_bad_rows)
-    if spec.limit is not None:
-        records = records[: spec.limit]
+    records = subset(records, spec, seed)
     if system_prompt:
         records = [_with_system(r, system_prompt) for r in records]
     return split_by_prompt(records, spec.eval_fraction, seed)
+
+
+def subset(records: list, spec: DataSpec, seed: int) -> list:
+    """``spec.limit``: the first records; then ``spec.sample``: a seeded random subset, in file order."""
+    if spec.limit is not None:
+        records = records[: spec.limit]
+    if spec.sample is not None and spec.sample < len(records):
+        keep = sorted(random.Random(f"sample:{seed}").sample(range(len(records)), spec.sample))
+        records = [records[i] for i in keep]
+    return records
 
 
 def _with_system(record: SFTRecord, system_prompt: str) -> SFTRecord:
@@ -80,4 +89,4 @@ def load_prompts(spec: DataSpec, paths: list[str], seed: int):
         records = builtin_records(BUILTIN_PROMPTS, spec, seed, "prompt")
     else:
         records = read_records(paths, "prompt", spec.skip_bad_rows)
-    return records[: spec.limit] if spec.limit is not None else records
+    return subset(records, spec, seed)

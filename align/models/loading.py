@@ -92,21 +92,31 @@ def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
 
 
 def apply_lora(model, spec: ModelSpec):
-    from peft import LoraConfig
-
     from align.compat import get_peft_model
 
-    lora = spec.lora
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
     if spec.gradient_checkpointing:
         model.enable_input_require_grads()
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(spec.lora, model, "CAUSAL_LM"))
+
+
+def lora_config(lora, model, task_type: str):
+    """peft's ``LoraConfig`` for ``lora`` (a :class:`align.config.specs.LoraConfig`). With ``last_layers: N``
+    only the last N decoder layers get adapters (peft's ``layers_to_transform``; ``all-linear`` becomes the
+    names of the linear layers inside the decoder layers, which peft needs for it): nothing below them needs
+    a gradient, so the backward pass stops there."""
+    from peft import LoraConfig
+
+    targets, layers = lora.target_modules, None
+    if lora.last_layers is not None:
+        total = model.config.num_hidden_layers
+        if lora.last_layers > total:
+            raise ValueError(f"lora.last_layers={lora.last_layers}: the model has {total} decoder layers")
+        layers = list(range(total - lora.last_layers, total))
+        if targets == "all-linear":
+            targets = sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                              if isinstance(module, torch.nn.Linear) and ".layers." in name})
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      layers_to_transform=layers, task_type=task_type)
 
 
 def is_peft(model) -> bool:

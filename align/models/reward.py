@@ -20,7 +20,7 @@ from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import PAD
 from align.models.gguf import hf_folder
-from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer
+from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer, lora_config
 
 
 def load_reward_tokenizer(spec: ModelSpec, model_path: str):
@@ -86,16 +86,12 @@ def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0
         enable_activation_checkpointing(model)
         model.config.use_cache = False
     if spec.lora is not None:
-        from peft import LoraConfig
-
         from align.compat import get_peft_model
 
-        lora = spec.lora
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=lora.target_modules, task_type="SEQ_CLS")
         if spec.gradient_checkpointing:
             model.enable_input_require_grads()
-        model = get_peft_model(model, config)  # SEQ_CLS keeps the head ("score") trainable
+        # SEQ_CLS keeps the head ("score") trainable
+        model = get_peft_model(model, lora_config(spec.lora, model, "SEQ_CLS"))
     return model
 
 

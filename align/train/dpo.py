@@ -40,10 +40,14 @@ def make_loss_fn(beta: float, nll_weight: float, label_smoothing: float):
         masked = response_sums(logps, owner, n_resp, batch.dpo_mask)  # (R,) formatting tokens left out
         nll = -response_sums(logps, owner, n_resp) / response_token_counts(owner, n_resp)  # (R,) all tokens
         ref = batch.ref_logps
-        return dpo_loss(
+        loss, stats = dpo_loss(
             masked[batch.chosen], masked[batch.rejected], ref[batch.chosen], ref[batch.rejected],
             nll[batch.chosen], beta=beta, nll_weight=nll_weight, label_smoothing=label_smoothing,
         )
+        # the policy's own preference, defined before training too (the implicit reward is 0 at the start):
+        # the chosen response has the higher mean token log-prob (no reference, no length advantage)
+        stats["logp_accuracy"] = (nll[batch.chosen] < nll[batch.rejected]).float().sum().detach()
+        return loss, stats
 
     return loss_fn
 
@@ -166,7 +170,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     return StageResult(metrics=metrics)
 
 
-_HEADLINE = ("_reward_accuracy", "_reward_margin", "_dpo", "_nll")
+_HEADLINE = ("_reward_accuracy", "_reward_margin", "_dpo", "_nll", "_logp_accuracy")
 
 
 def _formatting_ids(tokenizer, setting) -> frozenset[int]:

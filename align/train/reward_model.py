@@ -34,7 +34,7 @@ from align.train.common import make_accelerator, plan_epochs
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
-from eval.reward_accuracy import ranking_accuracy
+from eval.reward_accuracy import length_baseline_accuracy, ranking_accuracy
 from rewards.whitening import compute_stats
 
 
@@ -159,7 +159,8 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     out_dir = Path(ctx.out_dir)
     if eval_ex:
         eval_scores, accuracy = held_out()
-        metrics.update(accuracy, rm_accuracy_before=accuracy_before)
+        metrics.update(accuracy, rm_accuracy_before=accuracy_before,
+                       rm_accuracy_length_baseline=length_baseline_accuracy(eval_records))
         logger.log(summary.steps, accuracy, prefix="eval")
         accelerator.print(f"[{stage.name}] held-out: " + json.dumps({k: round(v, 4) for k, v in accuracy.items()}))
         if accelerator.is_main_process:

@@ -48,6 +48,9 @@ def test_dpo_raises_reward_accuracy_and_margin(tmp_path):
     assert m["train_pairs_reward_margin"] > 0.1
     assert m["train_pairs_dpo"] < m["train_pairs_dpo_start"]
     assert "eval_reward_accuracy" in m and "eval_reward_accuracy_start" in m
+    # the policy's own preference (mean token log-prob, no reference) is defined at the start and rises
+    assert 0.0 <= m["train_pairs_logp_accuracy_start"] < m["train_pairs_logp_accuracy"] <= 1.0
+    assert "eval_logp_accuracy_start" in m
     path = out["dpo"]["artifacts"]["policy"]
     after = AutoModelForCausalLM.from_pretrained(path)  # plain transformers, no align code
     stage = recipe_from_dict({"name": "t", "stages": [dpo_stage()]}).stage("dpo")

@@ -64,6 +64,7 @@ def test_loss_falls_and_accuracy_rises_above_chance(trained):
                 "rm_accuracy/adjacent", "reward_std"):
         assert key in m
     assert m["eval_records"] == 16 and m["rm_num_pairs"] == 48
+    assert m["rm_accuracy_length_baseline"] == 0.5  # the three responses of a record have one length
 
 
 def test_checkpoint_scores_the_same_with_plain_transformers(trained):

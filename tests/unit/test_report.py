@@ -54,3 +54,41 @@ def test_report_files_and_the_command(tmp_path, capsys):
     assert out[0].split()[:4] == ["round", "stage", "kind", "gold"]
     assert out[3].split()[:6] == ["1", "eval_sft", "evaluate", "0.709", "0.200", "0.050"]
     assert main(["report", str(tmp_path / "nothing")]) == 2
+
+
+def test_real_data_columns_length_baseline_logp_preference_and_rewards():
+    records = [
+        {"round": 1, "stage": "rm", "kind": "reward_model", "artifacts": {},
+         "metrics": {"rm_accuracy": 0.61, "rm_accuracy_length_baseline": 0.69}},
+        {"round": 1, "stage": "dpo", "kind": "dpo", "artifacts": {},
+         "metrics": {"eval_logp_accuracy_start": 0.4, "eval_logp_accuracy": 0.55}},
+        {"round": 1, "stage": "eval_dpo", "kind": "evaluate", "artifacts": {},
+         "metrics": {"reward/safety": -0.25, "reward/helpful": 0.5}},
+    ]
+    header, rows = compact_rows(records)
+    assert header[3:6] == ["RM accuracy", "RM length baseline", "held-out logp preference (DPO)"]
+    assert rows[0][3:5] == ["0.610", "0.690"] and rows[1][5] == "0.400 -> 0.550"
+    assert rows[2][header.index("mean RM score")] == "helpful +0.50 / safety -0.25"
+
+
+def _answers(path, answers):
+    path.parent.mkdir(parents=True)
+    path.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": q}],
+                                        "response": {"role": "assistant", "content": a}}) + "\n"
+                            for q, a in answers))
+
+
+def test_generations_before_and_after_side_by_side(tmp_path):
+    _answers(tmp_path / "round_1/eval_base/answers.jsonl",
+             [("Q1?", "base one"), ("Q2?", "base | two"), ("Q3?", "base three"), ("Q4?", "base four")])
+    _answers(tmp_path / "round_1/eval_dpo/answers.jsonl",  # Q2's answer was blank (left out)
+             [("Q1?", "dpo one " + "x" * 300), ("Q3?", "dpo three"), ("Q4?", "dpo four")])
+    records = [{"round": 1, "stage": s, "kind": "evaluate", "metrics": {},
+                "artifacts": {"samples": f"round_1/{s}/answers.jsonl"}} for s in ("eval_base", "eval_dpo")]
+    write_report(tmp_path, "g", records)
+    md = (tmp_path / "report.md").read_text()
+    section = md[md.index("## Generations"):]
+    assert section.count("**Prompt ") == 3
+    assert "**Prompt 1.** Q1?" in section and "**Prompt 2.** Q2?" in section and "Q4?" not in section
+    assert "| eval_base | base \\| two |" in section and "| eval_dpo | (blank: left out) |" in section
+    assert "| eval_dpo | dpo one " + "x" * 229 + "... |" in section

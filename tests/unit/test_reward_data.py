@@ -12,7 +12,7 @@ from align.data.ranking import (
 )
 from align.data.sources import split_by_prompt
 from data_schemas import parse_record
-from eval.reward_accuracy import ranking_accuracy
+from eval.reward_accuracy import length_baseline_accuracy, ranking_accuracy
 
 
 def test_accuracy_overall_per_strength_domain_top1_and_margin():
@@ -37,6 +37,13 @@ def test_ties_count_half():
     m = ranking_accuracy([[1.0, 1.0], [2.0, 2.0, 0.0]])
     assert m["rm_accuracy"] == pytest.approx((0.5 + 0.5 + 1 + 1) / 4)
     assert m["rm_top1_accuracy"] == pytest.approx((0.5 + 0.5) / 2)
+
+
+def test_length_baseline_scores_responses_by_characters():
+    # long > short: right; "abc" vs "xyz" (tie): half; middle ranked above a longer worst: wrong for that pair
+    records = [rec(["a long answer", "short"]), rec(["abc", "xyz"]), rec(["longest one", "mid", "longer"])]
+    # pairs: 1 | 0.5 | (11 > 3: 1, 11 > 6: 1, 3 > 6: 0)
+    assert length_baseline_accuracy(records) == pytest.approx((1 + 0.5 + 1 + 1 + 0) / 5)
 
 
 def rec(responses, **kw):

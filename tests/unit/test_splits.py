@@ -50,3 +50,24 @@ def test_reward_model_and_dpo_use_the_same_split():
     import align.train.reward_model as reward_model
 
     assert reward_model.split_by_prompt is preference.split_by_prompt is split_by_prompt
+
+
+def test_sample_takes_a_seeded_subset_in_file_order_after_limit(tmp_path):
+    from data_schemas import write_jsonl
+    from align.data.sources import load_prompts
+
+    rows = [PreferenceRecord(prompt=[U(f"Q{i}?")], responses=[A("yes"), A("no")]) for i in range(40)]
+    path = str(tmp_path / "p.jsonl")
+    write_jsonl(path, rows)
+
+    def ids(spec, seed=0):
+        return [int(prompt_key(r)[1:-1]) for r in load_prompts(spec, [path], seed)]
+
+    picked = ids(DataSpec(paths=[path], sample=10))
+    assert len(picked) == 10 and picked == sorted(picked) and picked != list(range(10))
+    assert ids(DataSpec(paths=[path], sample=10)) == picked  # seeded
+    assert ids(DataSpec(paths=[path], sample=10), seed=1) != picked
+    assert set(ids(DataSpec(paths=[path], limit=20, sample=10))) <= set(range(20))
+    assert ids(DataSpec(paths=[path], sample=100)) == list(range(40))
+    train, held = load_preferences(DataSpec(paths=[path], sample=10, eval_fraction=0.2), [path], seed=0)
+    assert sorted(int(prompt_key(r)[1:-1]) for r in train + held) == picked
