@@ -38,3 +38,21 @@ def get_peft_model(model, config):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         return peft.get_peft_model(model, config)
+
+
+def vllm_load_weights(llm, weights) -> None:
+    """Load ``(name, tensor)`` pairs (HF parameter names) into a running ``vllm.LLM`` and drop its prefix
+    cache (cached KV blocks were computed with the old weights). vLLM >= 0.7 runs a function on the model
+    in every worker with ``LLM.apply_model``; older releases expose the in-process model at
+    ``llm_engine.model_executor.driver_worker.model_runner.model`` (V1 adds ``.worker``). Remove the fallback
+    when the vllm floor of the extra is a release with ``apply_model``."""
+    weights = list(weights)
+    if hasattr(llm, "apply_model"):
+        llm.apply_model(lambda model: model.load_weights(weights))
+    else:
+        worker = llm.llm_engine.model_executor.driver_worker
+        worker = getattr(worker, "worker", worker)
+        worker.model_runner.model.load_weights(weights)
+    reset = getattr(llm, "reset_prefix_cache", None)
+    if callable(reset):
+        reset()

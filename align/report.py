@@ -138,7 +138,7 @@ def generations_table(run_dir: Path, records: list[dict], count: int = GENERATIO
         path = r["artifacts"].get("samples") if r["kind"] == "evaluate" else None
         if path and (run_dir / path).is_file():
             with (run_dir / path).open() as f:
-                rows = [json.loads(line) for _, line in zip(range(4 * count), f)]
+                rows = [json.loads(line) for _, line in zip(range(4 * count), f, strict=False)]
             evals.append((r, {json.dumps(x["prompt"]): x["response"]["content"] for x in rows}))
     if not evals:
         return []

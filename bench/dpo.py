@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help=f"shared: {SHARED_PREFS} (falls back to builtin when absent); builtin: align's "
                    "generated chat preferences (short prompts and answers)")
     p.add_argument("--lr", type=float, default=1e-4, help="constant learning rate on both sides")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: autocast on both sides (align's train.mixed_precision, TRL's bf16=True); for GPUs")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--verbose", action="store_true", help="show the children's output")
     p.add_argument("--side", choices=["ours", "peer"], help=argparse.SUPPRESS)
@@ -82,8 +84,8 @@ def prepare_data(args, path: Path) -> dict:
         records = chat_preference_records(4 * args.pairs, args.seed)
     rows, prompt_tokens, response_tokens = [], 0, 0
     for r in records:
-        p_ids, c_ids, _ = tokenize_response(tok, r.prompt, r.chosen)
-        _, j_ids, _ = tokenize_response(tok, r.prompt, r.rejected)
+        p_ids, c_ids, *_ = tokenize_response(tok, r.prompt, r.chosen)
+        _, j_ids, *_ = tokenize_response(tok, r.prompt, r.rejected)
         room = args.max_length - len(p_ids)
         if room < 8:
             continue
@@ -102,7 +104,7 @@ def prepare_data(args, path: Path) -> dict:
 
 def child_argv(args, work: Path) -> list[str]:
     argv = ["--pairs", args.pairs, "--batch-size", args.batch_size, "--max-length", args.max_length,
-            "--lr", args.lr, "--seed", args.seed, "--work", work]
+            "--lr", args.lr, "--seed", args.seed, "--precision", args.precision, "--work", work]
     return [str(a) for a in argv]
 
 
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
         print(f"data: {args.data}, {stats['pairs']} pairs, {stats['prompt_tokens']:.0f} prompt tokens and "
               f"{stats['response_tokens']:.0f} response tokens (after the cut) on average")
         print(f"work: 1 epoch, {args.pairs // args.batch_size} steps of {args.batch_size} pairs, max_length "
-              f"{args.max_length}; sigmoid DPO beta 0.1 + 0.2 NLL(chosen); AdamW lr {args.lr} constant, fp32")
+              f"{args.max_length}; sigmoid DPO beta 0.1 + 0.2 NLL(chosen); AdamW lr {args.lr} constant, {args.precision}")
         print("timed: reference pass over the epoch's pairs + training loop, on both sides")
         results = {side: run_side(__file__, child_argv(args, work), side, echo=args.verbose)
                    for side in ("ours", "peer")}
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
         "peer_final_loss": rounded(peer["final_loss"]),
         "model": model_desc,
         "config": f"{args.data} data, {args.pairs} pairs (1 epoch), batch {args.batch_size}, "
-                  f"max_length {args.max_length}, device {ours['device']}",
+                  f"max_length {args.max_length}, {args.precision}, device {ours['device']}",
     })
     return 0
 
@@ -171,6 +173,7 @@ def ours_recipe(args, work: Path) -> dict:
             "train": {
                 "epochs": 1, "batch_size": args.batch_size, "max_length": args.max_length,
                 "save_every": 0, "log_every": 1, "report_to": [],
+                "mixed_precision": "bf16" if args.precision == "bf16" else "no",
                 "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0,
                           "betas": [0.9, 0.95], "max_grad_norm": 1.0},
             },
@@ -249,7 +252,7 @@ def run_peer(args, work: Path) -> dict:
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",
         beta=0.1, loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.2], max_length=args.max_length,
         truncation_mode="keep_start", precompute_ref_log_probs=True, precompute_ref_batch_size=args.batch_size,
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=device == "cpu",
+        gradient_checkpointing=False, bf16=args.precision == "bf16", fp16=False, use_cpu=device == "cpu",
         dataloader_num_workers=0, save_strategy="no", eval_strategy="no", logging_steps=1, report_to="none",
     )
     probe = {}

@@ -119,13 +119,17 @@ def check_lora_targets(where: str, targets, modules: set[str], model: str) -> li
             f"it has: {', '.join(sorted(modules))}"]
 
 
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what scripts/fetch_smollm2.py --gguf puts in the cache
+
+
 def check_gguf(where: str, path: str, gguf_file: str) -> list[str]:
     """A GGUF file that exists, starts with the GGUF magic, and a ``gguf`` package to read it."""
     import importlib.util
 
     file = Path(path).expanduser() / gguf_file
     if not file.is_file():
-        return [f"{where}.gguf_file: no such file: {file}"]
+        hint = " (fetch it with: python scripts/fetch_smollm2.py --gguf)" if gguf_file == SMOLLM2_GGUF else ""
+        return [f"{where}.gguf_file: no such file: {file}{hint}"]
     with file.open("rb") as f:
         if f.read(4) != b"GGUF":
             return [f"{where}.gguf_file: {file} is not a GGUF file (no GGUF magic)"]

@@ -8,7 +8,7 @@ from pydantic import Field, model_validator
 
 from align.config.base import MODELS, PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.reward import RewardSpec
-from align.config.sampling import SamplingParams
+from align.config.sampling import GenerationBackend, SamplingParams
 from align.config.specs import DataSpec, ModelSpec, OptimConfig, Strict, TrainConfig
 
 
@@ -49,6 +49,14 @@ class PPOStage(StageBase):
         default_factory=lambda: SamplingParams(temperature=1.0, max_new_tokens=128, batch_size=64),
         description="rollout decoding; log-probs are recomputed with logits divided by this temperature",
     )
+    backend: GenerationBackend = Field(
+        "hf", description="rollouts with hf (the training model generates) or vllm (extra align[vllm], GPU: one "
+        "engine per process, the current weights loaded into it before every rollout)",
+    )
+    vllm_gpu_memory: float = Field(
+        0.3, gt=0, le=1, description="vllm backend: share of the GPU's memory the engine may take (it shares "
+        "the GPU with the models being trained)",
+    )
     iterations: int = Field(10, gt=0, description="rollout batches (each followed by the PPO epochs)")
     rollout_batch_size: int = Field(64, gt=0, description="prompts per rollout batch (one response each)")
     ppo_epochs: int = Field(4, gt=0, description="passes over each rollout batch")
@@ -85,4 +93,11 @@ class PPOStage(StageBase):
         if self.rollout_batch_size % per_step:
             raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                              f"train.batch_size * train.grad_accum * launch.num_processes ({per_step})")
+        return self
+
+    @model_validator(mode="after")
+    def _vllm_loads_checkpoints(self):
+        if self.backend == "vllm" and self.model.path == "builtin:tiny":
+            raise ValueError("backend vllm loads an HF checkpoint; builtin:tiny is not one: start from a stage's "
+                             "model (model: {from: ...}) or a folder")
         return self

@@ -15,7 +15,8 @@ and the mask falls back to the ids alone (counted in ``PreferenceData.id_fallbac
 Hygiene, counted in :class:`PreferenceData`: a pair whose two responses have the same token ids (as the
 model sees them: tokenized and cut to ``max_length``) carries no preference (its DPO loss is log 2 whatever
 the weights), so it is dropped (``identical_pairs``); a record left with no pair is dropped with it.
-Responses cut at ``max_length`` are counted (``truncated``).
+Responses cut at ``max_length`` are counted (``truncated``); responses the tokenizer would merge with the
+end of the prompt are tokenized from the text boundary (``boundary_adjusted``, see :func:`tokenize_response`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class PreferenceData:
     truncated: int = 0  # responses cut at max_length (in the records kept)
     identical_pairs: int = 0  # pairs whose two responses have the same ids (dropped: no signal)
     identical_records: int = 0  # records dropped because every pair of theirs was identical
+    boundary_adjusted: int = 0  # responses tokenized apart from their prompt (merged at the boundary)
 
     @property
     def num_pairs(self) -> int:
@@ -79,51 +81,69 @@ def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[t
     raise ValueError(f"unknown pairs mode {mode!r}")
 
 
-def tokenize_response(tokenizer, prompt: Sequence, response) -> tuple[list[int], list[int], list[bool]]:
-    """(prompt ids ending with the assistant header, response ids, template_mask) for one response.
+def tokenize_response(
+    tokenizer, prompt: Sequence, response, split: bool = False,
+) -> tuple[list[int], list[int], list[bool], bool]:
+    """(prompt ids ending with the assistant header, response ids, template_mask, split at the text
+    boundary) for one response.
 
-    ``template_mask`` is True on response tokens the chat template emitted rather than the content.
+    ``template_mask`` is True on response tokens the chat template emitted rather than the content. The
+    conversation is tokenized as a whole; when a token spans the end of the prompt and the start of the
+    response (ChatML's ``assistant\n`` before a response that starts with spaces), or with ``split``, the
+    prompt text and the response text are tokenized apart, from the text boundary, as TRL does and as the
+    reward model does (``rewards.encoding``); the last value says so.
     """
     text, spans = assistant_char_spans(tokenizer, [*prompt, response])
     start, end = spans[-1]
     content = (response["content"] if isinstance(response, dict) else response.content).strip()
     at = text.find(content, start, end) if content else -1
     content_span = (at, at + len(content)) if at >= 0 else None
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    pieces = [(text[:end], 0)]
+    if not split:
+        enc = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
+        split = any(s < start < e for s, e in enc["offset_mapping"])
+    if split:
+        pieces = [(text[:start], 0), (text[start:end], start)]
     prompt_ids, response_ids, template = [], [], []
-    for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-        if s < start:
-            if e > start:
-                raise ChatFormatError("a token spans the end of the prompt and the start of the response")
-            prompt_ids.append(tok)
-        elif s < end:
-            response_ids.append(tok)
-            template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
-    return prompt_ids, response_ids, template
+    for piece, shift in pieces:
+        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
+        for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+            s, e = s + shift, e + shift
+            if s < start:
+                if e > start:  # cannot happen once split; kept as the invariant
+                    raise ChatFormatError("a token spans the end of the prompt and the start of the response")
+                prompt_ids.append(tok)
+            elif s < end:
+                response_ids.append(tok)
+                template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
+    return prompt_ids, response_ids, template, split
 
 
 def tokenize_preference(
     tokenizer, record: PreferenceRecord, formatting_ids: frozenset[int], max_length: int, pairs: PairsMode,
-) -> tuple[PreferenceExample | None, int]:
-    """-> (example or None when the prompt alone fills ``max_length``, id-only fallbacks).
+) -> tuple[PreferenceExample | None, int, int]:
+    """-> (example or None when the prompt alone fills ``max_length``, id-only fallbacks, responses split
+    at the text boundary).
 
-    Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped)."""
+    Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped). When one
+    response of a record must be split at the text boundary, all of them are, so they share the prompt ids."""
     keep, pair_idx = select_pairs(len(record.responses), pairs)
-    prompt_ids, responses, masks, fallbacks, truncated = None, [], [], 0, 0
-    for k in keep:
-        p_ids, r_ids, template = tokenize_response(tokenizer, record.prompt, record.responses[k])
-        if prompt_ids is None:
-            prompt_ids = p_ids
-        elif p_ids != prompt_ids:
+    encoded = [tokenize_response(tokenizer, record.prompt, record.responses[k]) for k in keep]
+    if any(split for *_, split in encoded) and len({tuple(p) for p, *_ in encoded}) > 1:
+        encoded = [tokenize_response(tokenizer, record.prompt, record.responses[k], split=True) for k in keep]
+    prompt_ids, responses, masks, fallbacks, truncated = encoded[0][0], [], [], 0, 0
+    splits = sum(split for *_, split in encoded)
+    for p_ids, r_ids, template, _ in encoded:
+        if p_ids != prompt_ids:
             raise ChatFormatError("the prompt tokenizes differently for two responses of one record")
         fallbacks += all(template)
         room = max_length - len(prompt_ids)
         if room <= 0:
-            return None, fallbacks
+            return None, fallbacks, splits
         responses.append(r_ids[:room])
         masks.append([not (t and i in formatting_ids) for i, t in zip(r_ids[:room], template[:room], strict=True)])
         truncated += len(r_ids) > room
-    return PreferenceExample(prompt_ids, responses, masks, pair_idx, truncated), fallbacks
+    return PreferenceExample(prompt_ids, responses, masks, pair_idx, truncated), fallbacks, splits
 
 
 def drop_identical_pairs(example: PreferenceExample) -> tuple[PreferenceExample | None, int]:
@@ -146,8 +166,9 @@ def drop_identical_pairs(example: PreferenceExample) -> tuple[PreferenceExample 
 def tokenize_preferences(tokenizer, records, formatting_ids, max_length, pairs) -> PreferenceData:
     data = PreferenceData()
     for record in records:
-        example, fallbacks = tokenize_preference(tokenizer, record, formatting_ids, max_length, pairs)
+        example, fallbacks, splits = tokenize_preference(tokenizer, record, formatting_ids, max_length, pairs)
         data.id_fallbacks += fallbacks
+        data.boundary_adjusted += splits
         if example is None:
             data.dropped += 1
             continue

@@ -68,6 +68,15 @@ class VLLMGenerator:
         # step 4
         return [[self._to_sample(c) for c in out.outputs] for out in outputs]
 
+    def load_weights(self, weights) -> None:
+        """Replace the engine's weights with ``(name, tensor)`` pairs in HF naming (a policy being trained,
+        e.g. PPO after each update); the prefix cache is dropped with them."""
+        from align.compat import vllm_load_weights
+
+        if self.llm is None:
+            raise RuntimeError("this generator was closed")
+        vllm_load_weights(self.llm, weights)
+
     def _to_sample(self, completion) -> Sample:
         reason = "stop" if completion.finish_reason == "stop" else "length"
         return Sample(token_ids=list(completion.token_ids), text=completion.text, finish_reason=reason,

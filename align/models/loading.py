@@ -140,3 +140,29 @@ def count_parameters(model) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def plain_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` pairs of ``model`` as the plain HF model it stands for (the names
+    ``save_pretrained`` writes, tied weights once): a LoRA model's adapters merged in (a copy of each
+    adapted weight; the model itself is left as it was). For an inference engine that takes new weights,
+    e.g. vLLM during PPO."""
+    if not is_peft(model):
+        return [(name, p.detach()) for name, p in model.named_parameters()]
+    from peft.tuners.lora import LoraLayer
+
+    merged: dict[str, torch.Tensor] = {}
+    for name, module in model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer) and module.active_adapters:
+            weight = module.get_base_layer().weight.detach().clone()
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    weight += module.get_delta_weight(adapter).to(weight.dtype)
+            merged[f"{name}.weight"] = weight
+    out = []
+    for name, p in model.get_base_model().named_parameters():
+        if "lora_" in name:
+            continue
+        plain = name.replace(".base_layer.", ".")
+        out.append((plain, merged.get(plain, p.detach())))
+    return out

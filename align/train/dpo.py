@@ -156,7 +156,8 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
                "identical_pairs_dropped": float(identical),
                "truncated_responses": float(train_data.truncated + eval_data.truncated),
                "epochs_trained": epochs_trained,
-               "mask_id_fallbacks": float(train_data.id_fallbacks + eval_data.id_fallbacks)}
+               "mask_id_fallbacks": float(train_data.id_fallbacks + eval_data.id_fallbacks),
+               "boundary_adjusted": float(train_data.boundary_adjusted + eval_data.boundary_adjusted)}
     # the result keeps the headline numbers; metrics.jsonl has all of them (prefixes start/, train/, end/)
     headline = [k for k in end if k.endswith(_HEADLINE)]
     metrics.update({f"{k}_start": start[k] for k in headline})

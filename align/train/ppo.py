@@ -32,6 +32,7 @@ from align.config.ppo import PPOStage
 from align.data.chat import termination_token_id
 from align.data.sources import load_prompts
 from align.generation import make_generator
+from align.generation.training_policy import TrainingPolicySampler
 from align.losses.kl import kl_k3
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.inference import no_grad_map
@@ -47,6 +48,7 @@ from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.sharded import gathered_for_generation
 from align.train.snapshots import snapshot_saver
 from eval.world_eval import is_world_prompts
 
@@ -168,13 +170,17 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     loss_fn = make_loss_fn(stage)
     snapshot = snapshot_saver(accelerator, cfg.snapshot_every, stage.iterations, ctx.out_dir,
                               lambda: accelerator.unwrap_model(model).policy, tokenizer)
+    sampler = TrainingPolicySampler(stage.backend, stage.model, ctx.model_path(stage.model, (Artifact.POLICY,)),
+                                    tokenizer, make=make_generator,
+                                    **({"gpu_memory_utilization": stage.vllm_gpu_memory} if stage.backend == "vllm" else {}))
     bar = progress_bar(accelerator, stage.iterations, start, stage.name)
     last = None
     # step 5
     for it in range(start, stage.iterations):
         t0 = time.perf_counter()
         batch_prompts = _iteration_prompts(prompts, stage.rollout_batch_size, it, ctx.seed)[rank::world]
-        samples = _generate(accelerator.unwrap_model(model).policy, tokenizer, batch_prompts, stage, it, ctx)
+        with gathered_for_generation(accelerator, model):
+            samples = _generate(sampler, accelerator.unwrap_model(model).policy, batch_prompts, stage, it, ctx)
         texts = [s.text for s in samples]
         scores = reward([p.prompt for p in batch_prompts], texts, [p.is_safety for p in batch_prompts])
         scores = scores.to(device=device, dtype=torch.float32)
@@ -212,6 +218,7 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
         if cfg.save_every and done % cfg.save_every == 0 and done < stage.iterations:
             checkpoints.save(done, {"kl_controller": kl_ctl.state_dict(), "first": first})
     bar.close()
+    sampler.close()
     logger.close()
     # step 6
     accelerator.wait_for_everyone()
@@ -267,10 +274,9 @@ def _iteration_prompts(prompts, n: int, iteration: int, seed: int):
     return [prompts[i] for i in order[slot * n : (slot + 1) * n]]
 
 
-def _generate(policy, tokenizer, batch_prompts, stage: PPOStage, iteration: int, ctx: StageContext):
-    generator = make_generator("hf", model=policy, tokenizer=tokenizer)
+def _generate(sampler, policy, batch_prompts, stage: PPOStage, iteration: int, ctx: StageContext):
     params = stage.sampling.model_copy(update={"seed": stage.sampling.seed + 7919 * iteration + 104729 * ctx.round})
-    return [ss[0] for ss in generator.sample([p.prompt for p in batch_prompts], 1, params)]
+    return [ss[0] for ss in sampler.sample(policy, [p.prompt for p in batch_prompts], 1, params)]
 
 
 @torch.no_grad()

@@ -139,3 +139,42 @@ def test_chatml_masks_token_by_token(smollm2):
     assert untrained.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nHi<|im_end|>" in untrained
     assert {tok.decode([i]) for i in formatting_token_ids(tok)} == {"<|im_start|>", "<|im_end|>"}
     assert tok.decode([termination_token_id(tok)]) == "<|im_end|>"
+
+
+@pytest.mark.parametrize("name", ["smollm2_round.yaml", "smollm2_round_gpu.yaml"])
+def test_the_smollm2_recipes_validate_once_the_model_is_fetched(smollm2_gguf, name):
+    from tests.conftest import SHARED_DATA, load_recipe_or_skip
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{name} reads {SHARED_DATA}, which is not present")
+    recipe = load_recipe_or_skip(REPO / "recipes" / name)
+    assert [s.name for s in recipe.stages][:3] == ["sft", "rm_helpful", "rm_safety"]
+
+
+def test_dpo_pairs_with_a_response_starting_with_spaces(smollm2):
+    """The DPO stage of recipes/smollm2_round.yaml crashed on such a pair of the shared data: the response
+    is tokenized from the text boundary; its prompt ids are the other response's (both responses of a record
+    would be split if they were not)."""
+    from transformers import AutoTokenizer
+
+    from align.data.chat import formatting_token_ids
+    from align.data.preference import tokenize_preferences
+    from data_schemas import parse_record
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    record = parse_record({"prompt": [{"role": "user", "content": "Can you help me?"}],
+                           "chosen": [{"role": "assistant", "content": "  Sure, I can."}],
+                           "rejected": [{"role": "assistant", "content": "No."}]}, "preference")
+    data = tokenize_preferences(tok, [record], formatting_token_ids(tok), 256, "best_worst")
+    (ex,) = data.examples
+    assert data.boundary_adjusted == 1
+    assert tok.decode(ex.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(ex.responses[0]).startswith("  Sure, I can.<|im_end|>")
+    assert tok.decode(ex.responses[1]).startswith("No.<|im_end|>")
+    masked = [tok.decode([i]) for i, keep in zip(ex.responses[0], ex.dpo_masks[0], strict=True) if not keep]
+    assert masked == ["<|im_end|>"]
+    plain = parse_record({"prompt": [{"role": "user", "content": "Can you help me?"}],
+                          "chosen": [{"role": "assistant", "content": "Sure."}],
+                          "rejected": [{"role": "assistant", "content": "No."}]}, "preference")
+    again = tokenize_preferences(tok, [plain], formatting_token_ids(tok), 256, "best_worst")
+    assert again.boundary_adjusted == 0 and again.examples[0].prompt_ids == ex.prompt_ids

@@ -32,7 +32,7 @@ def toks(tok, s):
 
 
 def test_mask_removes_exactly_the_termination_token(tok):
-    ex, fallbacks = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 512, "adjacent")
+    ex, fallbacks, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 512, "adjacent")
     assert fallbacks == 0
     assert tok.decode(ex.prompt_ids) == (
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
@@ -48,7 +48,7 @@ def test_content_token_with_a_formatting_id_is_not_masked(tok):
     # the content itself contains the special token: positional masking keeps it, only the template's goes
     record = parse_record({"prompt": "Say the stop token.", "chosen": f"It is {EOT} ok", "rejected": "No"},
                           "preference")
-    ex, _ = tokenize_preference(tok, record, formatting_token_ids(tok), 512, "best_worst")
+    ex, *_ = tokenize_preference(tok, record, formatting_token_ids(tok), 512, "best_worst")
     eot = tok.convert_tokens_to_ids(EOT)
     chosen, mask = ex.responses[0], ex.dpo_masks[0]
     assert chosen.count(eot) == 2
@@ -56,9 +56,9 @@ def test_content_token_with_a_formatting_id_is_not_masked(tok):
 
 
 def test_explicit_list_and_off(tok):
-    explicit, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok, [EOT]), 512, "best_worst")
+    explicit, *_ = tokenize_preference(tok, RECORD, formatting_token_ids(tok, [EOT]), 512, "best_worst")
     assert explicit.dpo_masks == [[True, False], [True, True, False]]
-    off, _ = tokenize_preference(tok, RECORD, frozenset(), 512, "best_worst")
+    off, *_ = tokenize_preference(tok, RECORD, frozenset(), 512, "best_worst")
     assert off.dpo_masks == [[True, True], [True, True, True]]
 
 
@@ -66,14 +66,14 @@ def test_pairs_modes(tok):
     assert select_pairs(3, "best_worst") == ([0, 2], [(0, 1)])
     assert select_pairs(3, "adjacent") == ([0, 1, 2], [(0, 1), (1, 2)])
     assert select_pairs(2, "adjacent") == ([0, 1], [(0, 1)])
-    best_worst, _ = tokenize_preference(tok, RECORD, frozenset(), 512, "best_worst")
+    best_worst, *_ = tokenize_preference(tok, RECORD, frozenset(), 512, "best_worst")
     assert [tok.decode(r) for r in best_worst.responses] == [f"4{EOT}", f"22{EOT}"]
 
 
 def test_truncation_and_dropped_prompts(tok):
-    ex, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 1000, "best_worst")
+    ex, *_ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 1000, "best_worst")
     p = len(ex.prompt_ids)
-    cut, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), p + 1, "best_worst")
+    cut, *_ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), p + 1, "best_worst")
     assert cut.responses == [toks(tok, "4"), toks(tok, "2")]
     data = tokenize_preferences(tok, [RECORD, RECORD], formatting_token_ids(tok), p, "best_worst")
     assert data.examples == [] and data.dropped == 2
@@ -126,7 +126,7 @@ def test_chat_preference_records_are_valid_and_ranked():
 
 
 def test_stage_loss_keeps_termination_token_in_nll(tok):
-    ex, _ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 512, "best_worst")  # "4<eot>" vs "22<eot>"
+    ex, *_ = tokenize_preference(tok, RECORD, formatting_token_ids(tok), 512, "best_worst")  # "4<eot>" vs "22<eot>"
     batch = collate_pairs([ex], tok.pad_token_id, ref_logps=[[0.0, 0.0]])
     values = torch.tensor([-1.0, -3.0, -0.5, -0.5, -2.0])  # chosen: 4, eot; rejected: 2, 2, eot
     loss, m = make_loss_fn(beta=1.0, nll_weight=1.0, label_smoothing=0.0)(fixed_logps_module(values), batch)

@@ -45,7 +45,7 @@ def tok():
 
 
 def batch_with(tok, formatting_ids):
-    ex, _ = tokenize_preference(tok, RECORD, formatting_ids, 512, "best_worst")
+    ex, *_ = tokenize_preference(tok, RECORD, formatting_ids, 512, "best_worst")
     assert [tok.decode(r) for r in ex.responses] == [f"4{EOT}", f"22{EOT}"]
     return collate_pairs([ex], tok.pad_token_id, ref_logps=REF)
 

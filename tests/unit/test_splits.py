@@ -53,8 +53,8 @@ def test_reward_model_and_dpo_use_the_same_split():
 
 
 def test_sample_takes_a_seeded_subset_in_file_order_after_limit(tmp_path):
-    from data_schemas import write_jsonl
     from align.data.sources import load_prompts
+    from data_schemas import write_jsonl
 
     rows = [PreferenceRecord(prompt=[U(f"Q{i}?")], responses=[A("yes"), A("no")]) for i in range(40)]
     path = str(tmp_path / "p.jsonl")
