@@ -44,7 +44,8 @@ COMPACT: list[tuple[str, Cell]] = [
     ("KL to reference", _num("kl_to_reference")),
     ("RM accuracy", _num("rm_accuracy")),
     ("RM length baseline", _num("rm_accuracy_length_baseline")),
-    ("held-out logp preference (DPO)", _start_end("eval_logp_accuracy")),
+    ("DPO held-out reward accuracy", _num("eval_reward_accuracy")),
+    ("DPO held-out logp preference", _start_end("eval_logp_accuracy")),
     ("gold kept / mean (RS)", _kept_vs_mean),
     ("mean RM score", _rewards),
 ]
@@ -136,8 +137,10 @@ def generations_table(run_dir: Path, records: list[dict], count: int = GENERATIO
     evals = []
     for r in records:
         path = r["artifacts"].get("samples") if r["kind"] == "evaluate" else None
-        if path and (run_dir / path).is_file():
-            with (run_dir / path).open() as f:
+        # relative to the run folder (moved runs), or as the runner gave it (absolute or from the cwd)
+        found = next((c for c in (run_dir / path, Path(path)) if c.is_file()), None) if path else None
+        if found is not None:
+            with found.open() as f:
                 rows = [json.loads(line) for _, line in zip(range(4 * count), f, strict=False)]
             evals.append((r, {json.dumps(x["prompt"]): x["response"]["content"] for x in rows}))
     if not evals:

@@ -34,6 +34,11 @@ class RejectionSamplingStage(StageBase):
         False, description="Llama 2's fix for regressions: the best over this round's samples and the "
         "samples of the same stage in earlier rounds, all rescored with this round's reward",
     )
+    drop_unfinished: bool = Field(
+        False, description="leave out samples that stopped at sampling.max_new_tokens (no termination token): "
+        "they end mid-answer, and as SFT data they teach the model to stop there (counted as unfinished_dropped; "
+        "a prompt with no finished sample is skipped)",
+    )
     write_pairs: bool = Field(True, description="also write (best, worst) preference pairs for DPO")
     min_pair_gap: float = Field(0.0, ge=0, description="write a pair only when best - worst exceeds this")
     report_gold: bool = Field(

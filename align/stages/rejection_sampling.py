@@ -108,6 +108,8 @@ def _previous_pools(stage: RejectionSamplingStage, ctx: StageContext) -> dict[st
         if result is None or Artifact.SAMPLES not in result.artifacts:
             continue
         for sample in read_jsonl(result.artifacts[Artifact.SAMPLES], "scored"):
+            if stage.drop_unfinished and sample.meta.get("finished") is False:
+                continue
             pools.setdefault(_prompt_key(sample.prompt), []).append(sample.response.content)
     return pools
 
@@ -142,6 +144,13 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         for i, ss, ff in zip(row["prompts"], row["samples"], row["finish"], strict=True):
             texts[i], finish[i] = ss, ff
     pools = _previous_pools(stage, ctx) if stage.pool_previous_rounds else {}
+    # this round's samples that ended with the termination token (earlier rounds' pools count as finished)
+    finished = {(i, t) for i in range(len(prompts)) for t, f in zip(texts[i], finish[i], strict=True) if f == "stop"}
+    this_round = [set(t) for t in texts]
+    unfinished = 0
+    if stage.drop_unfinished:
+        unfinished = sum(f != "stop" for ff in finish for f in ff)
+        texts = [[t for t, f in zip(texts[i], finish[i], strict=True) if f == "stop"] for i in range(len(prompts))]
     candidates = [list(dict.fromkeys([t for t in texts[i] + pools.get(_prompt_key(p.prompt), []) if t.strip()]))
                   for i, p in enumerate(prompts)]
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
@@ -154,11 +163,12 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     pos = 0
     provenance = {"model": ctx.model_path(stage.model), "round": ctx.round, "k": stage.k,
                   "temperature": stage.sampling.temperature, "stage": stage.name}
-    for p, cands in zip(prompts, candidates, strict=True):
+    for i, (p, cands) in enumerate(zip(prompts, candidates, strict=True)):
         scores = flat_scores[pos : pos + len(cands)]
         pos += len(cands)
         samples_rows += [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=t), score=s,
-                                      meta={"round": ctx.round, "stage": stage.name})
+                                      meta={"round": ctx.round, "stage": stage.name,
+                                            "finished": (i, t) in finished or t not in this_round[i]})
                          for t, s in zip(cands, scores, strict=True)]
         if not cands:
             continue
@@ -187,6 +197,8 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         "reward_best_mean": _mean(best_scores), "reward_sample_mean": _mean(mean_scores),
         "reward_first_mean": _mean(first_scores),
         "length_stop_rate": _mean([f == "length" for ff in finish for f in ff]),
+        "unfinished_dropped": float(unfinished),
+        "prompts_without_finished": float(sum(not c for c in candidates)),
         "samples_generated": generated,
     }
     if generated:

@@ -58,6 +58,26 @@ def test_best_of_k_keeps_the_highest_score(tmp_path):
         assert p["meta"]["scores"][0] > p["meta"]["scores"][1]
 
 
+def test_drop_unfinished_keeps_only_answers_that_ended(tmp_path):
+    # 6 new tokens: the untrained tiny model ends few answers within them
+    stage = {"sampling": {"temperature": 1.0, "max_new_tokens": 6, "batch_size": 3, "seed": 1}}
+    (kept,) = run_recipe(recipe_from_dict(recipe(tmp_path / "keep", **stage)), log=lambda *_: None)
+    (dropped,) = run_recipe(recipe_from_dict(recipe(tmp_path / "drop", drop_unfinished=True, **stage)),
+                            log=lambda *_: None)
+    samples = rows(kept["artifacts"]["samples"])
+    unfinished = [s for s in samples if not s["meta"]["finished"]]
+    assert unfinished and len(unfinished) < len(samples)  # both kinds exist (else the test shows nothing)
+    m = dropped["metrics"]
+    assert m["unfinished_dropped"] == kept["metrics"]["length_stop_rate"] * 48
+    finished = {(json.dumps(s["prompt"]), s["response"]["content"]) for s in samples if s["meta"]["finished"]}
+    sft = rows(dropped["artifacts"]["sft_records"])
+    assert sft and len(sft) == 12 - m["prompts_without_finished"]
+    for r in sft:  # every kept answer is one that ended
+        assert (json.dumps(r["messages"][:-1]), r["messages"][-1]["content"]) in finished
+    assert all(s["meta"]["finished"] for s in rows(dropped["artifacts"]["samples"]))
+    assert kept["metrics"]["unfinished_dropped"] == 0 and len(rows(kept["artifacts"]["sft_records"])) == 12
+
+
 def test_resume_after_kill_regenerates_nothing_stored(tmp_path, monkeypatch):
     calls = []
     real = rs.make_generator

@@ -61,13 +61,14 @@ def test_real_data_columns_length_baseline_logp_preference_and_rewards():
         {"round": 1, "stage": "rm", "kind": "reward_model", "artifacts": {},
          "metrics": {"rm_accuracy": 0.61, "rm_accuracy_length_baseline": 0.69}},
         {"round": 1, "stage": "dpo", "kind": "dpo", "artifacts": {},
-         "metrics": {"eval_logp_accuracy_start": 0.4, "eval_logp_accuracy": 0.55}},
+         "metrics": {"eval_logp_accuracy_start": 0.4, "eval_logp_accuracy": 0.55, "eval_reward_accuracy": 0.6}},
         {"round": 1, "stage": "eval_dpo", "kind": "evaluate", "artifacts": {},
          "metrics": {"reward/safety": -0.25, "reward/helpful": 0.5}},
     ]
     header, rows = compact_rows(records)
-    assert header[3:6] == ["RM accuracy", "RM length baseline", "held-out logp preference (DPO)"]
-    assert rows[0][3:5] == ["0.610", "0.690"] and rows[1][5] == "0.400 -> 0.550"
+    assert header[3:7] == ["RM accuracy", "RM length baseline", "DPO held-out reward accuracy",
+                           "DPO held-out logp preference"]
+    assert rows[0][3:5] == ["0.610", "0.690"] and rows[1][5:7] == ["0.600", "0.400 -> 0.550"]
     assert rows[2][header.index("mean RM score")] == "helpful +0.50 / safety -0.25"
 
 
@@ -92,3 +93,13 @@ def test_generations_before_and_after_side_by_side(tmp_path):
     assert "**Prompt 1.** Q1?" in section and "**Prompt 2.** Q2?" in section and "Q4?" not in section
     assert "| eval_base | base \\| two |" in section and "| eval_dpo | (blank: left out) |" in section
     assert "| eval_dpo | dpo one " + "x" * 229 + "... |" in section
+
+
+def test_generations_found_with_paths_as_the_runner_writes_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs/g"
+    _answers(run / "round_1/eval_a/answers.jsonl", [("Q1?", "one")])
+    records = [{"round": 1, "stage": "eval_a", "kind": "evaluate", "metrics": {},
+                "artifacts": {"samples": "runs/g/round_1/eval_a/answers.jsonl"}}]  # from the cwd
+    write_report(run, "g", records)
+    assert "| eval_a | one |" in (run / "report.md").read_text()
