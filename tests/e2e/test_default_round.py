@@ -46,13 +46,17 @@ def test_default_round_runs_and_reports(tmp_path):
     md = (run / "report.md").read_text().splitlines()
     # the compact table first: every stage by name, the metrics that matter, the time each took
     assert md[2] == ("| round | stage | kind | gold helpfulness | violation rate | over-refusal | KL to reference "
-                     "| RM accuracy | gold kept / mean (RS) | time |")
+                     "| RM accuracy | RM length baseline | gold kept / mean (RS) | time |")
     compact = [line.split(" | ") for line in md[4:14]]
     assert [row[1] for row in compact] == [r["stage"] for r in report]
     assert all(row[-1].rstrip(" |") for row in compact), "a stage without its time"
     assert compact[1][3] == f"{by['eval_sft']['gold_helpfulness']:.3f}"
     assert compact[2][7] == f"{by['rm_helpful']['rm_accuracy']:.3f}"
+    assert compact[2][8] == f"{by['rm_helpful']['rm_accuracy_length_baseline']:.3f}"
     assert "### reward_model" in md and "rm_accuracy" in "\n".join(md)  # then every metric, by kind
+    generations = md.index("## Generations, before and after each policy stage")  # each policy's answers
+    assert [line for line in md[generations:] if line.startswith("| eval_")][:3] == [
+        line for line in md[generations:] if line.startswith(("| eval_sft |", "| eval_sft_rs |", "| eval_dpo |"))][:3]
     shown = subprocess.run([sys.executable, "-m", "align.cli", "report", str(run)], capture_output=True, text=True)
     assert shown.returncode == 0 and shown.stdout.splitlines()[3].split()[:3] == ["1", "eval_sft", "evaluate"]
     for r in report:
