@@ -123,15 +123,19 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "merge_and_unload")
 
 
-def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
+def save_checkpoint(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Save an HF checkpoint that plain ``transformers`` loads. LoRA: adapter to ``adapter/``, then the
-    merged weights (the model passed in is merged in place, so call this last)."""
+    merged weights (the model passed in is merged in place, so call this last). ``state_dict``: the whole
+    weights when training sharded them (:func:`align.train.sharded.full_state_dict`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
+        if state_dict is not None:
+            raise ValueError("saving a LoRA model trained with sharded weights (ZeRO-3/FSDP) is not supported: "
+                             "train LoRA under DDP (its weights are small) or fully fine-tune under ZeRO-3/FSDP")
         model.save_pretrained(out / "adapter")
         model = model.merge_and_unload()
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
     return out
 

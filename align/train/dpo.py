@@ -28,6 +28,7 @@ from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
 from align.train.reference import reference_logps
+from align.train.sharded import full_state_dict
 from align.train.snapshots import snapshot_saver
 
 
@@ -165,8 +166,9 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     # step 9
     model_dir = ctx.output(Artifact.POLICY)
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model, "lm")  # every process (sharded training: the gather)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
+        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir, state)
     accelerator.wait_for_everyone()
     return StageResult(metrics=metrics)
 

@@ -48,7 +48,7 @@ from align.train.common import load_policy, make_accelerator
 from align.train.loop import Checkpoints, global_sum, optimizer_step, progress_bar
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
-from align.train.sharded import gathered_for_generation
+from align.train.sharded import full_state_dict, gathered_for_generation
 from align.train.snapshots import snapshot_saver
 from eval.world_eval import is_world_prompts
 
@@ -222,11 +222,13 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
     logger.close()
     # step 6
     accelerator.wait_for_everyone()
+    value_state = full_state_dict(accelerator, model, "value_model")  # every process (sharded: the gather)
+    policy_state = full_state_dict(accelerator, model, "policy")
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(model)
         save_checkpoint(unwrapped.value_model, load_reward_tokenizer(value_spec, value_path),
-                        Path(ctx.out_dir) / "value_model")
-        save_checkpoint(unwrapped.policy, tokenizer, ctx.output(Artifact.POLICY))
+                        Path(ctx.out_dir) / "value_model", value_state)
+        save_checkpoint(unwrapped.policy, tokenizer, ctx.output(Artifact.POLICY), policy_state)
     accelerator.wait_for_everyone()
     out = {"iterations": stage.iterations, "parameters_trainable": trainable, "kl_coef_final": kl_ctl.value}
     for name, values in (("first", first), ("last", last)):

@@ -34,6 +34,7 @@ from align.train.common import make_accelerator, plan_epochs
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.sharded import full_state_dict
 from eval.reward_accuracy import length_baseline_accuracy, ranking_accuracy
 from rewards.whitening import compute_stats
 
@@ -177,8 +178,9 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
         metrics.update(reward_mean=stats.mean, reward_std=stats.std)
     model_dir = ctx.output(Artifact.REWARD_MODEL)
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model, "model")  # every process (sharded training: the gather)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model).model, tokenizer, model_dir)
+        save_checkpoint(accelerator.unwrap_model(model).model, tokenizer, model_dir, state)
         if stats is not None:
             stats.save(model_dir)
     accelerator.wait_for_everyone()

@@ -22,6 +22,7 @@ from align.train.common import evaluate_sums, load_policy, make_accelerator, pla
 from align.train.loop import make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
+from align.train.sharded import full_state_dict
 from align.train.snapshots import snapshot_saver
 
 
@@ -132,8 +133,9 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     # step 7
     model_dir = ctx.output(Artifact.POLICY)
     accelerator.wait_for_everyone()
+    state = full_state_dict(accelerator, model, "lm")  # every process (sharded training: the gather)
     if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir)
+        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir, state)
     accelerator.wait_for_everyone()
     return StageResult(metrics=metrics)
 

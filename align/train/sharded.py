@@ -31,3 +31,22 @@ def gathered_for_generation(accelerator, model):
 
     with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
         yield model
+
+
+def is_sharded(accelerator) -> bool:
+    """Parameters split across processes: DeepSpeed ZeRO-3 or FSDP (a module's own weights are then not whole)."""
+    return zero_stage(accelerator) == 3 or str(getattr(accelerator, "distributed_type", "")).endswith("FSDP")
+
+
+def full_state_dict(accelerator, model, prefix: str) -> dict | None:
+    """The whole weights of ``model``'s submodule ``prefix`` (e.g. ``lm`` of the wrapper a stage trains), for
+    ``save_pretrained(state_dict=...)``, gathered from every process when training shards them (accelerate's
+    ``get_state_dict``: ZeRO-3's 16-bit gather, FSDP's full state dict). Every process must call it; the main
+    process gets the dict. None when nothing is sharded (the module's own weights are whole)."""
+    if not is_sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(model)
+    if state is None:
+        return None
+    head = f"{prefix}."
+    return {k[len(head):]: v for k, v in state.items() if k.startswith(head)}
