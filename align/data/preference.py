@@ -98,24 +98,22 @@ def tokenize_response(
     content = (response["content"] if isinstance(response, dict) else response.content).strip()
     at = text.find(content, start, end) if content else -1
     content_span = (at, at + len(content)) if at >= 0 else None
-    pieces = [(text[:end], 0)]
-    if not split:
-        enc = tokenizer(text[:end], add_special_tokens=False, return_offsets_mapping=True)
-        split = any(s < start < e for s, e in enc["offset_mapping"])
-    if split:
-        pieces = [(text[:start], 0), (text[start:end], start)]
-    prompt_ids, response_ids, template = [], [], []
-    for piece, shift in pieces:
+
+    def encode(piece: str, shift: int) -> list[tuple[int, int, int]]:  # (id, start, end) in ``text``
         enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-        for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
-            s, e = s + shift, e + shift
-            if s < start:
-                if e > start:  # cannot happen once split; kept as the invariant
-                    raise ChatFormatError("a token spans the end of the prompt and the start of the response")
-                prompt_ids.append(tok)
-            elif s < end:
-                response_ids.append(tok)
-                template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
+        return [(tok, s + shift, e + shift) for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+    tokens = [] if split else encode(text[:end], 0)
+    split = split or any(s < start < e for _, s, e in tokens)
+    if split:
+        tokens = encode(text[:start], 0) + encode(text[start:end], start)
+    prompt_ids, response_ids, template = [], [], []
+    for tok, s, _ in tokens:
+        if s < start:  # no token spans ``start`` here: those are split above
+            prompt_ids.append(tok)
+        elif s < end:
+            response_ids.append(tok)
+            template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
     return prompt_ids, response_ids, template, split
 
 

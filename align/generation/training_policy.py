@@ -25,7 +25,6 @@ class TrainingPolicySampler:
         self.make = make or make_generator
         self.vllm_options = vllm_options
         self.engine = None
-        self.syncs = 0
 
     def sample(self, policy, prompts: Sequence[Prompt], k: int, params: SamplingParams) -> list[list[Sample]]:
         if self.backend == "hf":
@@ -37,7 +36,6 @@ class TrainingPolicySampler:
             self.engine = self.make("vllm", hf_folder(self.spec, self.path), tokenizer=self.tokenizer,
                                     **self.vllm_options)
         self.engine.load_weights(plain_weights(policy))
-        self.syncs += 1
         return self.engine.sample(prompts, k, params)
 
     def close(self) -> None:

@@ -144,13 +144,12 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         for i, ss, ff in zip(row["prompts"], row["samples"], row["finish"], strict=True):
             texts[i], finish[i] = ss, ff
     pools = _previous_pools(stage, ctx) if stage.pool_previous_rounds else {}
-    # this round's samples that ended with the termination token (earlier rounds' pools count as finished)
-    finished = {(i, t) for i in range(len(prompts)) for t, f in zip(texts[i], finish[i], strict=True) if f == "stop"}
-    this_round = [set(t) for t in texts]
+    # this round's texts never ended by the termination token (cut at max_new_tokens); pools count as ended
+    cut = [set(tt) - {t for t, f in zip(tt, ff, strict=True) if f == "stop"} for tt, ff in zip(texts, finish, strict=True)]
     unfinished = 0
     if stage.drop_unfinished:
         unfinished = sum(f != "stop" for ff in finish for f in ff)
-        texts = [[t for t, f in zip(texts[i], finish[i], strict=True) if f == "stop"] for i in range(len(prompts))]
+        texts = [[t for t in tt if t not in c] for tt, c in zip(texts, cut, strict=True)]
     candidates = [list(dict.fromkeys([t for t in texts[i] + pools.get(_prompt_key(p.prompt), []) if t.strip()]))
                   for i, p in enumerate(prompts)]
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
@@ -168,7 +167,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         pos += len(cands)
         samples_rows += [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=t), score=s,
                                       meta={"round": ctx.round, "stage": stage.name,
-                                            "finished": (i, t) in finished or t not in this_round[i]})
+                                            "finished": t not in cut[i]})
                          for t, s in zip(cands, scores, strict=True)]
         if not cands:
             continue
