@@ -1,8 +1,9 @@
 """Reward model speed and memory: align's reward_model stage vs TRL's ``RewardTrainer``, on identical work.
 
 The same ranked 3-response records (best > middle > worst) on both sides: ours trains on them as they
-are (one packed row per record: the prompt once, then its 3 responses, block mask; the head on the 3
-last tokens only); TRL gets the equivalent pairs, 3 per record (best > middle, best > worst,
+are (per record the prompt once, then its 3 responses, block mask; the head on the 3 last tokens only;
+at the stage's defaults: records of similar length share a micro-batch, ``train.group_by_length``, and
+short records share a row, first-fit); TRL gets the equivalent pairs, 3 per record (best > middle, best > worst,
 middle > worst), each pair two full rows (prompt + response) padded to the batch's longest, and runs the
 head over every position. Same objective (``-log sigmoid(r_i - r_j)`` averaged over the 3 pairs of each
 record == averaged over TRL's pairs), same starting weights (one saved sequence-classification

@@ -185,6 +185,12 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, gt=0, description="examples per micro-batch per process")
     grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step per process")
     max_length: int = Field(1024, gt=0, description="truncate sequences to this many tokens")
+    group_by_length: bool = Field(
+        True, description="reward model and DPO: micro-batches of records of similar length (HF's "
+        "group_by_length: the epoch's order cut into megabatches of 50 micro-batches, each sorted by length, "
+        "then the micro-batches shuffled), so little of each padded batch is padding; false: micro-batches "
+        "in the shuffled order. Other stages pack by tokens and do not read it",
+    )
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="autocast precision")
     save_every: int = Field(0, ge=0, description="checkpoint (save_state) every N steps; 0: only at the end")
     keep_checkpoints: int = Field(2, gt=0, description="how many recent checkpoints to keep")

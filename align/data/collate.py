@@ -29,6 +29,11 @@ class TokenBatch:
     num_tokens: int  # real (non-pad) tokens, for throughput
 
     @property
+    def padded_tokens(self) -> int:
+        """Token slots of the batch, padding included."""
+        return int(self.input_ids.numel())
+
+    @property
     def num_scored(self) -> int:
         return int(self.index.numel())
 
@@ -42,9 +47,9 @@ def _scored(example: TokenizedChat, offset: int):
     return [offset + t for t in pos], [ids[t + 1] for t in pos]
 
 
-def _pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """First-fit decreasing: example indices per row, each row's total length <= capacity
-    (an example longer than capacity gets a row of its own)."""
+def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: example indices per row (ascending within a row; rows in the order opened),
+    each row's total length <= capacity (an example longer than capacity gets a row of its own)."""
     rows: list[list[int]] = []
     free: list[int] = []
     for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
@@ -56,7 +61,7 @@ def _pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
         else:
             rows.append([k])
             free.append(capacity - lengths[k])
-    return rows
+    return [sorted(row) for row in rows]
 
 
 def collate_packed(examples: Sequence[TokenizedChat], row_length: int, pad_id: int) -> TokenBatch:
@@ -66,14 +71,14 @@ def collate_packed(examples: Sequence[TokenizedChat], row_length: int, pad_id: i
     block mask from them); the pad tail of a row is one more dummy sequence that nothing reads.
     Rows keep attention cost at row_length^2 with SDPA; with flash-attention one row would do.
     """
-    rows = _pack_rows([len(ex) for ex in examples], row_length)
+    rows = pack_first_fit([len(ex) for ex in examples], row_length)
     width = max(sum(len(examples[k]) for k in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)
     index, targets, owners, n_tokens = [], [], [], 0
     for r, row in enumerate(rows):
         col = 0
-        for k in sorted(row):
+        for k in row:
             ex = examples[k]
             n = len(ex)
             ids[r, col : col + n] = torch.tensor(ex.input_ids)
@@ -139,6 +144,21 @@ def group_by_tokens(order: Sequence[int], lengths: Sequence[int], max_tokens: in
         used += lengths[i]
     if current:
         groups.append(current)
+    return groups
+
+
+def group_by_length(order: Sequence[int], lengths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                    megabatch: int = 50) -> list[list[int]]:
+    """Micro-batches of examples of similar length, so little of a padded batch is padding (HF's
+    ``group_by_length``): ``order`` is cut into megabatches of ``megabatch`` micro-batches, each sorted by
+    length (longest first, ties in ``order``) and cut into micro-batches of ``batch_size``; the micro-batches
+    of the epoch are then shuffled (seeded by ``seed`` and ``epoch``), so length does not follow the step."""
+    size = megabatch * batch_size
+    groups = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        groups += group_by_count(chunk, batch_size)
+    random.Random(seed * 1_000_003 + epoch + 500_009).shuffle(groups)
     return groups
 
 

@@ -200,6 +200,11 @@ class PairBatch:
     def num_tokens(self) -> int:
         return self.tokens.num_tokens
 
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots of the batch, padding included."""
+        return int(self.tokens.input_ids.numel())
+
     def model_inputs(self) -> tuple:
         return self.tokens.model_inputs()
 

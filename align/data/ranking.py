@@ -183,6 +183,11 @@ class RankedBatch:
     def num_tokens(self) -> int:
         return self.rows.num_tokens
 
+    @property
+    def padded_tokens(self) -> int:
+        """Token slots of the batch, padding included."""
+        return int(self.rows.input_ids.numel())
+
     def model_inputs(self) -> tuple:
         r = self.rows
         return r.input_ids, r.position_ids, r.attention_mask, r.last_index

@@ -9,6 +9,12 @@ sharing the prompt). Exact, not an approximation:
 
 The mask is a 4D additive float mask (B, 1, T, T) that HF models take as is (SDPA and eager
 attention; flash-attention kernels do not take arbitrary masks).
+
+Packing: a batch's rows are of very different lengths (a short prompt with short answers beside a long
+one), so :func:`collate_shared` packs several records into one row, first-fit decreasing into rows as wide
+as the batch's longest record (the width, and so the attention cost per row, does not grow; only the number
+of rows falls). A token sees only its own record (``groups``), so packing changes no number; responses are
+numbered in the order of the records given, whatever row they land in.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from align.data.collate import pack_first_fit
 
 
 @dataclass(frozen=True)
@@ -55,41 +63,57 @@ class SharedPromptBatch:
     targets: torch.Tensor  # (N,) that response token
     owner: torch.Tensor  # (N,) which response (0..R-1 over the whole batch) the token belongs to
     last_index: torch.Tensor  # (R,) flat position of each response's last token
-    responses_per_row: list[int]
+    responses_per_row: list[int]  # per record (prompt), in the order given, packed or not
     num_tokens: int
 
     def model_inputs(self) -> tuple:
         return self.input_ids, self.position_ids, self.attention_mask, self.index, self.targets
 
 
-def block_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, T) segments (-1 prompt, k response, pad anything) + (B, T) valid -> (B, 1, T, T) additive."""
+def block_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype,
+               groups: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) segments (-1 prompt, k response, pad anything) + (B, T) valid (+ (B, T) groups: the record
+    each token belongs to, when a row holds several) -> (B, 1, T, T) additive."""
     t = segments.shape[1]
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     q, k = segments.unsqueeze(2), segments.unsqueeze(1)  # (B, T, 1), (B, 1, T)
     allowed = causal & ((k == -1) | (k == q)) & valid.unsqueeze(1) & valid.unsqueeze(2)
+    if groups is not None:
+        allowed &= groups.unsqueeze(2) == groups.unsqueeze(1)
     allowed |= torch.eye(t, dtype=torch.bool)  # pad rows attend to themselves (no all -inf rows)
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask.unsqueeze(1)
 
 
-def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.float32) -> SharedPromptBatch:
+def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.float32,
+                   pack: bool = True) -> SharedPromptBatch:
+    """The batch of ``rows`` (one record each); ``pack``: several records per tensor row (module docstring),
+    else one record per tensor row."""
     width = max(len(r.input_ids) for r in rows)
-    b = len(rows)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    positions = torch.zeros((b, width), dtype=torch.long)
-    segments = torch.full((b, width), -2, dtype=torch.long)
-    valid = torch.zeros((b, width), dtype=torch.bool)
+    bins = pack_first_fit([len(r.input_ids) for r in rows], width) if pack else [[i] for i in range(len(rows))]
+    place = {}
+    for b, members in enumerate(bins):
+        offset = 0
+        for i in members:
+            place[i] = (b, offset)
+            offset += len(rows[i].input_ids)
+    ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    segments = torch.full((len(bins), width), -2, dtype=torch.long)
+    groups = torch.full((len(bins), width), -1, dtype=torch.long)
+    valid = torch.zeros((len(bins), width), dtype=torch.bool)
     index, targets, owner, last = [], [], [], []
     r_global = 0
     for i, row in enumerate(rows):
+        b, o = place[i]
         n = len(row.input_ids)
-        ids[i, :n] = torch.tensor(row.input_ids)
-        positions[i, :n] = torch.tensor(row.position_ids)
-        segments[i, :n] = torch.tensor(row.segments)
-        valid[i, :n] = True
-        base = i * width
+        ids[b, o:o + n] = torch.tensor(row.input_ids)
+        positions[b, o:o + n] = torch.tensor(row.position_ids)
+        segments[b, o:o + n] = torch.tensor(row.segments)
+        groups[b, o:o + n] = i
+        valid[b, o:o + n] = True
+        base = b * width + o
         for start, end in row.spans:
             # the first response token is predicted from the last prompt token; the rest from the
             # response's own previous token
@@ -102,7 +126,7 @@ def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.flo
     return SharedPromptBatch(
         input_ids=ids,
         position_ids=positions,
-        attention_mask=block_mask(segments, valid, dtype),
+        attention_mask=block_mask(segments, valid, dtype, groups if len(bins) < len(rows) else None),
         index=torch.tensor(index, dtype=torch.long),
         targets=torch.tensor(targets, dtype=torch.long),
         owner=torch.tensor(owner, dtype=torch.long),

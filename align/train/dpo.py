@@ -16,7 +16,7 @@ from __future__ import annotations
 from align.config.base import Artifact
 from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
-from align.data.collate import epoch_order, group_by_count
+from align.data.collate import epoch_order, group_by_count, group_by_length
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
 from align.data.sources import describe_sources
 from align.losses.dpo import dpo_loss, response_sums, response_token_counts
@@ -93,8 +93,13 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     # step 5
     per_step = cfg.grad_accum * accelerator.num_processes
 
+    lengths = [len(ex.prompt_ids) + sum(map(len, ex.responses)) for ex in train_ex]  # shared-prompt row
+
     def epoch_groups(epoch):
-        return group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size)
+        order = epoch_order(len(train_ex), ctx.seed, epoch)
+        if cfg.group_by_length:
+            return group_by_length(order, lengths, cfg.batch_size, ctx.seed, epoch)
+        return group_by_count(order, cfg.batch_size)
 
     plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
     epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
@@ -152,7 +157,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     logger.log(summary.steps, end, prefix="end")
     logger.close()
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
-               "steps": summary.steps, "train_tokens": summary.tokens, **ref_info,
+               "steps": summary.steps, "train_tokens": summary.tokens, "train_padding": summary.padding, **ref_info,
                "dropped_records": float(train_data.dropped + eval_data.dropped),
                "identical_pairs_dropped": float(identical),
                "truncated_responses": float(train_data.truncated + eval_data.truncated),

@@ -54,7 +54,7 @@ class TrainSummary:
     last_loss: float | None
     tokens: int
     seconds: float
-
+    padding: float | None = None  # share of the token slots of this run's steps that were padding
 
 def make_plan(
     epoch_groups: Callable[[int], list[list[int]]], epochs: float, per_step: int, max_steps: int | None
@@ -99,7 +99,7 @@ def optimizer_step(
     global_units = global_sum(accelerator, sum(units(b) for b in batches))
     denominator = max(global_units, 1e-12)
     scale = world / denominator  # DDP averages gradients over processes
-    loss_sum, sums, local_tokens = 0.0, {}, 0
+    loss_sum, sums, local_tokens, local_slots = 0.0, {}, 0, 0
     for j, batch in enumerate(batches):
         sync = j == len(batches) - 1
         with contextlib.nullcontext() if sync else accelerator.no_sync(model), accelerator.autocast():
@@ -107,6 +107,7 @@ def optimizer_step(
             accelerator.backward(loss * scale)
         loss_sum += float(loss.detach())
         local_tokens += int(getattr(batch, "num_tokens", 0))
+        local_slots += int(getattr(batch, "padded_tokens", 0))
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v)
     grad_norm = None
@@ -124,6 +125,10 @@ def optimizer_step(
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     metrics["tokens"] = tokens
+    if local_slots:  # batches that know their padded size
+        slots = global_sum(accelerator, local_slots)
+        metrics["padding"] = 1.0 - tokens / max(slots, 1)
+        metrics["slots"] = int(slots)
     metrics["tokens_per_s"] = tokens / max(time.perf_counter() - t0, 1e-9)
     return metrics
 
@@ -172,7 +177,7 @@ def train(
     checkpoints = Checkpoints(accelerator, Path(out_dir) / "checkpoints", plan_hash(plan), cfg.keep_checkpoints,
                               stateful={"scheduler": scheduler})
     state = checkpoints.resume(desc) or {}
-    start, tokens_seen = state.get("step", 0), state.get("tokens", 0)
+    start, tokens_seen, slots_seen = state.get("step", 0), state.get("tokens", 0), state.get("slots", 0)
     first_loss, last_loss = state.get("first_loss"), None
     if start:
         logger.truncate_after(start)
@@ -189,6 +194,7 @@ def train(
         except TrainingDiverged as err:
             raise TrainingDiverged(f"[{desc}] step {step + 1}/{len(plan)}: {err}") from None
         tokens_seen += metrics.pop("tokens")
+        slots_seen += metrics.pop("slots", 0)
         first_loss = metrics["loss"] if first_loss is None else first_loss
         last_loss = metrics["loss"]
         done = step + 1
@@ -200,7 +206,7 @@ def train(
         if on_step is not None:  # before the checkpoint: a run resumed from it has had on_step(done)
             on_step(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
-            checkpoints.save(done, {"tokens": tokens_seen, "first_loss": first_loss})
+            checkpoints.save(done, {"tokens": tokens_seen, "slots": slots_seen, "first_loss": first_loss})
     bar.close()
     return TrainSummary(
         steps=len(plan),
@@ -209,4 +215,5 @@ def train(
         last_loss=last_loss,
         tokens=tokens_seen,
         seconds=time.perf_counter() - t_start,
+        padding=1.0 - tokens_seen / slots_seen if slots_seen else None,
     )

@@ -1,4 +1,10 @@
-"""AdamW and the warmup + cosine schedule."""
+"""AdamW and the warmup + cosine schedule.
+
+AdamW runs fused (one kernel over all parameters, ``torch.optim.AdamW(fused=True)``) whenever every trainable
+parameter is a floating tensor on a CPU or CUDA device: on CPU, torch's default is the per-parameter loop
+(``foreach`` is a CUDA default only), about 4x slower for an 11M-parameter model on 2 cores. Elsewhere
+(e.g. meta or MPS tensors) torch's default implementation.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +34,14 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused_supported(decay + no_decay))
+
+
+def fused_supported(params) -> bool | None:
+    """True when torch's fused AdamW takes every one of ``params`` (floating, on CPU or CUDA); else None
+    (torch chooses)."""
+    ok = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return True if ok else None
 
 
 def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -21,7 +21,7 @@ import torch
 
 from align.config.base import Artifact
 from align.config.reward_model import RewardModelStage
-from align.data.collate import epoch_order, group_by_count
+from align.data.collate import epoch_order, group_by_count, group_by_length
 from align.data.preference import load_preferences
 from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked_records
 from align.data.sources import describe_sources, split_by_prompt
@@ -114,8 +114,13 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     # step 5
     per_step = cfg.grad_accum * accelerator.num_processes
 
+    lengths = [len(e.row.input_ids) for e in train_ex]
+
     def epoch_groups(epoch):
-        return group_by_count(epoch_order(len(train_ex), ctx.seed, epoch), cfg.batch_size)
+        order = epoch_order(len(train_ex), ctx.seed, epoch)
+        if cfg.group_by_length:
+            return group_by_length(order, lengths, cfg.batch_size, ctx.seed, epoch)
+        return group_by_count(order, cfg.batch_size)
 
     plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
     epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
@@ -154,7 +159,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
         out_dir=ctx.out_dir, logger=logger, desc=stage.name,
     )
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
-               "steps": summary.steps, "train_tokens": summary.tokens, "train_records": len(train_ex),
+               "steps": summary.steps, "train_tokens": summary.tokens, "train_padding": summary.padding, "train_records": len(train_ex),
                "eval_records": len(eval_ex), "epochs_trained": epochs_trained, **hygiene}
     # step 7
     out_dir = Path(ctx.out_dir)

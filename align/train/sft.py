@@ -124,7 +124,7 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     # step 6
     eval_after = held_out_loss()
     metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
-               "steps": summary.steps, "train_tokens": summary.tokens, "epochs_trained": epochs_trained,
+               "steps": summary.steps, "train_tokens": summary.tokens, "train_padding": summary.padding, "epochs_trained": epochs_trained,
                "truncated_rows": float(truncated), "dropped_too_long": float(too_long)}
     if eval_after is not None:
         metrics.update(eval_loss_before=eval_before, eval_loss=eval_after)

@@ -1,6 +1,7 @@
 """The shared-prompt row is exact: per-token log-probs and last-token hidden states equal those of
 one row per (prompt + response)."""
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -30,11 +31,18 @@ def separate(lm, prompt, response):
     return logps, hidden
 
 
-def test_packed_equals_separate_rows():
+# a third, short record: with first-fit packing it shares the row of the second (15 = 10 + 5 tokens)
+PROMPTS.append([1, 3])
+RESPONSES.append([[30, 2], [31]])
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_packed_equals_separate_rows(pack):
     for attn in ("sdpa", "eager"):
         lm = tiny_lm(attn)
         rows = [build_row(p, rs) for p, rs in zip(PROMPTS, RESPONSES, strict=True)]
-        batch = collate_shared(rows, pad_id=0)
+        batch = collate_shared(rows, pad_id=0, pack=pack)
+        assert batch.input_ids.shape[0] == (2 if pack else 3)
         with torch.no_grad():
             logps = TokenLogps(lm)(*batch.model_inputs())
             hidden = decoder_and_head(lm)[0](
@@ -49,4 +57,4 @@ def test_packed_equals_separate_rows():
                 torch.testing.assert_close(got, want_logps, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(flat_hidden[r], want_hidden, atol=1e-5, rtol=1e-5)
                 r += 1
-        assert r == batch.last_index.numel() == 5
+        assert r == batch.last_index.numel() == 7
