@@ -132,6 +132,12 @@ def group_by_count(order: Sequence[int], batch_size: int) -> list[list[int]]:
     return [list(order[i : i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
+def length_sorted_groups(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Micro-batches of ``batch_size`` indices, longest first: for passes whose order does not matter
+    (reference log-probs, scoring), so each padded batch holds records of similar length."""
+    return group_by_count(sorted(range(len(lengths)), key=lambda i: -lengths[i]), batch_size)
+
+
 def group_by_tokens(order: Sequence[int], lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
     """Consecutive groups whose total length stays within ``max_tokens`` (an example longer than the
     budget gets a group of its own)."""

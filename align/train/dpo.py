@@ -16,7 +16,7 @@ from __future__ import annotations
 from align.config.base import Artifact
 from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
-from align.data.collate import epoch_order, group_by_count, group_by_length
+from align.data.collate import epoch_order, group_by_count, group_by_length, length_sorted_groups
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
 from align.data.sources import describe_sources
 from align.losses.dpo import dpo_loss, response_sums, response_token_counts
@@ -117,8 +117,9 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
         return make_batch
 
     loss_fn = make_loss_fn(stage.beta, stage.nll_weight, stage.label_smoothing)
-    train_groups = group_by_count(list(range(min(stage.metrics_records, len(train_ex)))), cfg.batch_size)
-    eval_groups = group_by_count(list(range(len(eval_ex))), cfg.batch_size)
+    train_groups = length_sorted_groups(lengths[: stage.metrics_records], cfg.batch_size)
+    eval_groups = length_sorted_groups([len(ex.prompt_ids) + sum(map(len, ex.responses)) for ex in eval_ex],
+                                       cfg.batch_size)
 
     def score():
         out = {}

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from align.config.dpo import DPOStage
-from align.data.collate import group_by_count
+from align.data.collate import length_sorted_groups
 from align.data.preference import PreferenceExample, collate_pairs, examples_digest
 from align.losses.dpo import response_sums
 from align.models.inference import no_grad_map
@@ -53,19 +53,19 @@ def compute_response_logps(
 ) -> tuple[list[list[float]], int]:
     """DPO-masked log-prob sum of every response: -> (per example, per response), forward passes."""
     dtype = next(model.parameters()).dtype
-    groups = group_by_count(list(range(len(examples))), batch_size)
+    groups = length_sorted_groups([len(ex.prompt_ids) + sum(map(len, ex.responses)) for ex in examples], batch_size)
 
     def make_batch(group):
         return collate_pairs([examples[i] for i in group], pad_id, dtype).to(device)
 
-    out, passes = [], 0
+    out, passes = [None] * len(examples), 0
     results = no_grad_map(model, groups, make_batch, lambda m, b: m(*b.model_inputs()), autocast)  # (N,) each
     for group, (batch, logps) in zip(groups, results, strict=True):
         sums = response_sums(logps.float(), batch.tokens.owner, batch.num_responses, batch.dpo_mask).tolist()
         passes += 1
         for i in group:
             n = len(examples[i].responses)
-            out.append(sums[:n])
+            out[i] = sums[:n]
             sums = sums[n:]
     return out, passes
 

@@ -21,7 +21,7 @@ import torch
 
 from align.config.base import Artifact
 from align.config.reward_model import RewardModelStage
-from align.data.collate import epoch_order, group_by_count, group_by_length
+from align.data.collate import epoch_order, group_by_count, group_by_length, length_sorted_groups
 from align.data.preference import load_preferences
 from align.data.ranking import apply_hygiene, collate_ranked, select_domain, tokenize_ranked_records
 from align.data.sources import describe_sources, split_by_prompt
@@ -45,16 +45,17 @@ def prompts_in(batch) -> float:
 
 def score_examples(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32):
     """Scores of every example's responses (best first), in order: list of lists of floats."""
-    out = []
+    out = [None] * len(examples)
 
     def make_batch(group):
         return collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
 
-    groups = group_by_count(list(range(len(examples))), batch_size)
-    for batch, scores in no_grad_map(model, groups, make_batch, lambda m, b: m(*b.model_inputs())):
+    groups = length_sorted_groups([len(e.row.input_ids) for e in examples], batch_size)
+    for group, (batch, scores) in zip(groups, no_grad_map(model, groups, make_batch,
+                                                         lambda m, b: m(*b.model_inputs())), strict=True):
         flat = scores.tolist()
-        for n in batch.responses_per_prompt:
-            out.append(flat[:n])
+        for i, n in zip(group, batch.responses_per_prompt, strict=True):
+            out[i] = flat[:n]
             flat = flat[n:]
     return out
 
