@@ -24,7 +24,14 @@ class SFTStage(StageBase):
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop settings")
     packing: bool = Field(
         True,
-        description="fill micro-batches by token budget (batch_size * max_length tokens) and pack "
-        "short examples end to end into rows of max_length; attention never crosses examples",
+        description="lay examples end to end in rows of max_length tokens (attention never crosses "
+        "examples); false: one right-padded row per example, batch_size examples per micro-batch",
+    )
+    packing_strategy: Literal["best_fit", "budget"] = Field(
+        "best_fit",
+        description="with packing: best_fit packs the whole epoch's examples best-fit into rows of max_length "
+        "(TRL's bfd: rows nearly full), shuffles the rows and puts batch_size rows in a micro-batch; budget "
+        "fills each micro-batch with consecutive examples of the shuffled order up to batch_size * max_length "
+        "tokens and packs those first-fit into rows (more partly empty rows)",
     )
     system_prompt: str | None = Field(None, description="system prompt added to records that have none")

@@ -8,6 +8,7 @@ Two layouts, both exact (no token attends across examples):
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,14 +65,47 @@ def pack_first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return [sorted(row) for row in rows]
 
 
-def collate_packed(examples: Sequence[TokenizedChat], row_length: int, pad_id: int) -> TokenBatch:
+def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: longest first, each example into the row whose room it fills best (the least
+    room that still holds it), a new row when none does. -> indices per row (ascending within a row), rows
+    in the order opened. Rows end up nearly full (TRL's ``bfd`` packing); an example longer than
+    ``capacity`` gets a row of its own."""
+    rows: list[list[int]] = []
+    rooms: list[tuple[int, int]] = []  # (room left, row) sorted
+    for k in sorted(range(len(lengths)), key=lambda k: -lengths[k]):
+        at = bisect.bisect_left(rooms, (lengths[k], -1))
+        if at < len(rooms):
+            room, r = rooms.pop(at)
+            rows[r].append(k)
+            bisect.insort(rooms, (room - lengths[k], r))
+        else:
+            rows.append([k])
+            if capacity - lengths[k] > 0:
+                bisect.insort(rooms, (capacity - lengths[k], len(rows) - 1))
+    return [sorted(row) for row in rows]
+
+
+def group_packed_rows(order: Sequence[int], lengths: Sequence[int], row_length: int, rows_per_batch: int,
+                      seed: int, epoch: int) -> list[list[list[int]]]:
+    """The epoch's examples (``order``) packed best-fit into rows of ``row_length`` tokens across the whole
+    epoch, the rows shuffled (seeded by ``seed`` and ``epoch``) and cut into micro-batches of
+    ``rows_per_batch`` rows: micro-batch -> row -> example indices."""
+    rows = [[order[k] for k in row] for row in pack_best_fit([lengths[i] for i in order], row_length)]
+    random.Random(seed * 1_000_003 + epoch + 700_001).shuffle(rows)
+    return [rows[i : i + rows_per_batch] for i in range(0, len(rows), rows_per_batch)]
+
+
+def collate_packed(examples: Sequence[TokenizedChat], row_length: int, pad_id: int,
+                   rows: Sequence[Sequence[int]] | None = None) -> TokenBatch:
     """Bin-pack the examples into rows of at most ``row_length`` tokens, padding-free inside a row.
 
     Position ids restart at 0 for every example, so attention never crosses examples (HF builds the
     block mask from them); the pad tail of a row is one more dummy sequence that nothing reads.
     Rows keep attention cost at row_length^2 with SDPA; with flash-attention one row would do.
+    ``rows``: the rows already chosen (indices into ``examples``), e.g. by :func:`group_packed_rows`.
     """
-    rows = pack_first_fit([len(ex) for ex in examples], row_length)
+    if rows is None:
+        rows = pack_first_fit([len(ex) for ex in examples], row_length)
     width = max(sum(len(examples[k]) for k in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(rows), width), dtype=torch.long)

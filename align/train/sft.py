@@ -1,7 +1,10 @@
 """SFT stage: multi-turn chats, loss on assistant tokens (content + termination token) only.
 
-The LM head runs on the scored positions only (see ``align.models.logps``); with ``packing`` the
-examples of a micro-batch are laid end to end in one padding-free row, so no FLOP goes to padding.
+The LM head runs on the scored positions only (see ``align.models.logps``); with ``packing`` examples are
+laid end to end in rows of ``max_length`` (position ids restart per example, so attention never crosses
+them): by default the whole epoch is packed best-fit into nearly full rows and ``batch_size`` rows make a
+micro-batch (``packing_strategy: best_fit``, TRL's bfd), so little compute goes to padding
+(``train_padding``).
 
 Rows longer than ``max_length`` are cut (``truncated_rows``); a row left with no assistant token within
 ``max_length`` has nothing to learn and is dropped (``dropped_too_long``); both are counted in the metrics
@@ -13,7 +16,14 @@ from __future__ import annotations
 from align.config.base import Artifact
 from align.config.sft import SFTStage
 from align.data.chat import tokenize_chat
-from align.data.collate import collate_packed, collate_padded, epoch_order, group_by_count, group_by_tokens
+from align.data.collate import (
+    collate_packed,
+    collate_padded,
+    epoch_order,
+    group_by_count,
+    group_by_tokens,
+    group_packed_rows,
+)
 from align.data.sources import describe_sources, load_sft
 from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
@@ -69,15 +79,16 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
     # step 4
     token_budget = cfg.batch_size * cfg.max_length
 
-    def groups_for(order, examples_lengths):
-        if stage.packing:
-            return group_by_tokens(order, examples_lengths, token_budget)
-        return group_by_count(order, cfg.batch_size)
-
+    best_fit = stage.packing and stage.packing_strategy == "best_fit"
     per_step = cfg.grad_accum * accelerator.num_processes
 
     def epoch_groups(epoch):
-        return groups_for(epoch_order(len(train_ex), ctx.seed, epoch), lengths)
+        order = epoch_order(len(train_ex), ctx.seed, epoch)
+        if best_fit:  # micro-batch -> rows -> examples
+            return group_packed_rows(order, lengths, cfg.max_length, cfg.batch_size, ctx.seed, epoch)
+        if stage.packing:
+            return group_by_tokens(order, lengths, token_budget)
+        return group_by_count(order, cfg.batch_size)
 
     plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
     epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
@@ -88,6 +99,12 @@ def run(stage: SFTStage, ctx: StageContext) -> StageResult:
         return collate_padded(examples, tokenizer.pad_token_id)
 
     def make_train_batch(group):
+        if best_fit:  # the rows are chosen: lay them out as they are
+            flat = [i for row in group for i in row]
+            at = {i: k for k, i in enumerate(flat)}
+            rows = [[at[i] for i in row] for row in group]
+            return _to(collate_packed([train_ex[i] for i in flat], cfg.max_length, tokenizer.pad_token_id, rows),
+                       accelerator.device)
         return _to(batch_of([train_ex[i] for i in group]), accelerator.device)
 
     # step 5

@@ -51,3 +51,21 @@ def test_grouping_by_length_cuts_padding(tmp_path, data, kind):
     assert plain["train_tokens"] == grouped["train_tokens"]  # the same records, once each
     assert grouped["train_padding"] < 0.5 * plain["train_padding"]
     assert plain["train_padding"] > 0.1  # the data leaves padding in plain batches (packing or not)
+
+
+def test_sft_best_fit_packing_fills_rows_better_than_the_token_budget(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"Q{i}"},
+                          {"role": "assistant", "content": "word " * (2 + 7 * (i % 9))}]} for i in range(60)]
+    chats.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = {}
+    for strategy in ("best_fit", "budget"):
+        stage = {"name": "sft", "kind": "sft", "model": {"path": "builtin:tiny", "tiny": TINY},
+                 "data": {"paths": [str(chats)], "eval_fraction": 0.0}, "packing_strategy": strategy,
+                 "train": {"batch_size": 2, "max_length": 128, "epochs": 1, "report_to": [],
+                           "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}}
+        recipe = recipe_from_dict({"name": "t", "seed": 0, "output_dir": str(tmp_path / strategy), "stages": [stage]})
+        (record,) = run_recipe(recipe, log=lambda *_: None)
+        out[strategy] = record["metrics"]
+    assert out["best_fit"]["train_padding"] < 0.5 * out["budget"]["train_padding"]
+    assert out["best_fit"]["steps"] <= out["budget"]["steps"]

@@ -5,7 +5,15 @@ import random
 
 import pytest
 
-from align.data.collate import epoch_order, group_by_count, group_by_length, pack_first_fit
+from align.data.collate import (
+    epoch_order,
+    group_by_count,
+    group_by_length,
+    group_by_tokens,
+    group_packed_rows,
+    pack_best_fit,
+    pack_first_fit,
+)
 from align.data.shared_prompt import build_row, collate_shared
 
 
@@ -77,3 +85,33 @@ def test_position_ids_restart_per_record(pack):
     batch = collate_shared(rows, pad_id=0, pack=pack)
     flat = batch.position_ids.reshape(-1)
     assert flat[batch.last_index].tolist() == [5, 1]
+
+
+def test_best_fit_decreasing_by_hand():
+    # 7 opens row 0 (room 3), 5 opens row 1 (room 5), 3 fills row 0 (room 0: the best fit), 2 goes to row 1
+    # (room 3), 2 again (room 1), 1 fills row 1; first-fit would do the same here, so a case where they differ:
+    assert pack_best_fit([3, 7, 2, 5, 2, 1], 10) == [[0, 1], [2, 3, 4, 5]]
+    # capacity 10: 6 opens row 0 (room 4), 5 opens row 1 (room 5); 4: best fit is row 0 (room 4 -> 0),
+    # first fit is row 0 too; 3: best fit row 1 (room 5 -> 2); 2: row 1 (2 -> 0); 2: new row
+    assert pack_best_fit([6, 5, 4, 3, 2, 2], 10) == [[0, 2], [1, 3, 4], [5]]
+    # where they differ: 7 opens row 0 (room 3), 5 row 1 (room 5), 4 joins row 1 (room 1); 1 fits both:
+    # best fit fills row 1, first fit takes row 0
+    assert pack_best_fit([7, 5, 4, 1], 10) == [[0], [1, 2, 3]]
+    assert pack_first_fit([7, 5, 4, 1], 10) == [[0, 3], [1, 2]]
+
+
+def test_group_packed_rows_covers_the_epoch_in_nearly_full_rows():
+    rng = random.Random(1)
+    lengths = [rng.randint(5, 200) for _ in range(500)]
+    order = epoch_order(500, seed=2, epoch=0)
+    batches = group_packed_rows(order, lengths, 256, 4, seed=2, epoch=0)
+    rows = [row for batch in batches for row in batch]
+    assert sorted(i for row in rows for i in row) == list(range(500))
+    assert all(sum(lengths[i] for i in row) <= 256 for row in rows)
+    assert all(len(batch) == 4 for batch in batches[:-1])
+    fill = sum(lengths) / (256 * len(rows))
+    budget_rows = sum(len(pack_first_fit([lengths[i] for i in g], 256))
+                      for g in group_by_tokens(order, lengths, 4 * 256))
+    assert fill > 0.97 and len(rows) < budget_rows
+    assert batches == group_packed_rows(order, lengths, 256, 4, seed=2, epoch=0)
+    assert batches != group_packed_rows(order, lengths, 256, 4, seed=2, epoch=1)
