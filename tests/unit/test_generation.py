@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from align.config.sampling import SamplingParams
 from align.data.chat import build_byte_tokenizer, termination_token_id
 from align.generation import make_generator, prompt_ids
-from align.generation.hf_backend import draw, left_pad, sampling_logps
+from align.generation.hf_backend import draw, left_pad, nucleus_mask, sampling_logps
 
 CHATS = [
     [{"role": "user", "content": "hi"}],
@@ -173,3 +173,16 @@ def test_vllm_backend_without_vllm_says_how_to_install(monkeypatch):
         make_generator("vllm", "some/model")
     with pytest.raises(ValueError, match="unknown generation backend"):
         make_generator("tgi", "some/model")
+
+
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.95, 0.999])
+def test_nucleus_mask_without_sorting_equals_the_sorted_definition(top_p):
+    torch.manual_seed(0)
+    # flat rows (a random model), peaked rows, rows with zero-probability tokens, a one-hot row
+    logits = torch.cat([torch.randn(4, 3000) * 0.05, torch.randn(4, 3000) * 4.0,
+                        torch.randn(2, 3000).masked_fill(torch.rand(2, 3000) < 0.5, float("-inf")),
+                        torch.full((1, 3000), -30.0).index_fill_(1, torch.tensor([7]), 0.0)])
+    logps = torch.log_softmax(logits, dim=-1)
+    want = sampling_logps(logits, 1.0, top_p) > float("-inf")
+    for buckets in (1024, 7, 1):  # coarse slices only move work to the exact part
+        assert torch.equal(nucleus_mask(logps, top_p, buckets), want), buckets
