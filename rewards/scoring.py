@@ -90,11 +90,11 @@ class RewardScorer:
                 chunk = order[start : start + batch_size]
                 width = max(len(rows[i]) for i in chunk)
                 ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
                 for k, i in enumerate(chunk):
                     ids[k, : len(rows[i])] = torch.tensor(rows[i])
-                    mask[k, : len(rows[i])] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                # right-padded rows under a causal model: no real token sees the padding after it, so no
+                # mask is needed (SDPA's causal kernel); the score is read at the last non-pad token
+                logits = self.model(input_ids=ids.to(self.device)).logits
                 for k, i in enumerate(chunk):
                     scores[i] = float(logits[k, 0])
         return scores

@@ -48,6 +48,14 @@ class Rollout:
         """The rows ``index`` (a (k,) long tensor or a slice) of every field."""
         return self._map(lambda x: x[index])
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns after the longest row's last real token (the layout is
+        right-padded, so nothing before them changes): a minibatch of short rows computes no padding."""
+        width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
+        if width >= self.sequences.size(1):
+            return self
+        return self._map(lambda x: x[:, :width] if x.dim() == 2 else x)
+
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Rollout]:
         """Rollouts of ``size`` rows (the last may be smaller) covering every row once: in a random order
         drawn from ``generator`` (on the CPU), or in order when it is None."""

@@ -35,7 +35,7 @@ from align.generation import make_generator
 from align.generation.training_policy import TrainingPolicySampler
 from align.losses.kl import kl_k3
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
-from align.models.inference import no_grad_map
+from align.models.inference import causal_only, no_grad_map
 from align.models.loading import count_parameters, load_causal_lm, save_checkpoint
 from align.models.reward import backbone_and_head, load_reward_model, load_reward_tokenizer
 from align.models.reward_fn import build_reward
@@ -63,6 +63,7 @@ class PolicyAndValue(nn.Module):
         self.policy, self.value_model = policy, value_model
 
     def forward(self, input_ids, attention_mask):
+        attention_mask = causal_only(attention_mask)  # right-padded rollouts: the causal kernel, no mask
         logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         decoder, head = backbone_and_head(self.value_model)
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
@@ -196,7 +197,8 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
                 ctx.seed * 1_000_003 + it * 1009 + epoch)).to(device)
             for start_mb in range(0, len(order), mb_per_process):
                 rows = order[start_mb : start_mb + mb_per_process]
-                micro = [rollout.select(rows[j : j + cfg.batch_size]) for j in range(0, len(rows), cfg.batch_size)]
+                micro = [rollout.select(rows[j : j + cfg.batch_size]).trimmed()
+                         for j in range(0, len(rows), cfg.batch_size)]
                 step_metrics.append(optimizer_step(accelerator, model, optimizer, scheduler, micro, loss_fn,
                                                    response_tokens, cfg.optim.max_grad_norm))
         kl_per_seq = global_sum(accelerator, float(kl.sum())) / max(global_sum(accelerator, len(samples)), 1)
@@ -304,15 +306,22 @@ def _rollout(model, reference, tokenizer, batch_prompts, samples, scores, eot, k
     sequences, attention_mask, response_mask = sequences.to(device), attention_mask.to(device), response_mask.to(device)
     temperature = stage.sampling.temperature
     bs = stage.train.batch_size
-    groups = [slice(i, i + bs) for i in range(0, len(rows), bs)]
+    # groups of batch_size rows, each cut after its longest row (right padding: nothing before changes)
+    groups = [(slice(i, i + bs), max(len(r) for r in rows[i : i + bs])) for i in range(0, len(rows), bs)]
 
-    def policy_and_values(m, sl):
-        logits, values = m(sequences[sl], attention_mask[sl])
-        return token_logps(logits, sequences[sl], temperature), values
+    def padded(x):  # (b, w) -> (b, T) with zeros after w
+        return torch.nn.functional.pad(x, (0, width - x.size(1)))
 
-    def reference_logps(m, sl):
-        logits = m(input_ids=sequences[sl], attention_mask=attention_mask[sl], use_cache=False).logits
-        return token_logps(_shift(logits.float()), sequences[sl], temperature)
+    def policy_and_values(m, group):
+        sl, w = group
+        logits, values = m(sequences[sl, :w], attention_mask[sl, :w])
+        return padded(token_logps(logits, sequences[sl, :w], temperature)), padded(values)
+
+    def reference_logps(m, group):
+        sl, w = group
+        logits = m(input_ids=sequences[sl, :w], attention_mask=causal_only(attention_mask[sl, :w]),
+                   use_cache=False).logits
+        return padded(token_logps(_shift(logits.float()), sequences[sl, :w], temperature))
 
     with accelerator.autocast():
         pv = [out for _, out in no_grad_map(model, groups, lambda g: g, policy_and_values)]
