@@ -56,15 +56,3 @@ def vllm_load_weights(llm, weights) -> None:
     reset = getattr(llm, "reset_prefix_cache", None)
     if callable(reset):
         reset()
-
-
-def override_sdpa(wrap) -> None:
-    """Register ``wrap(original)`` as transformers' "sdpa" attention function (``AttentionInterface``, the
-    documented way to replace one), once per process; ``original`` is transformers' own."""
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if getattr(override_sdpa, "done", False):
-        return
-    AttentionInterface.register("sdpa", wrap(sdpa_attention_forward))
-    override_sdpa.done = True

@@ -14,8 +14,6 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from align.models.packed_attention import packed_kwargs
-
 
 def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The decoder stack and output projection of an HF causal LM (PEFT-wrapped or not)."""
@@ -68,8 +66,7 @@ class TokenLogps(nn.Module):
     def forward(self, input_ids, position_ids, attention_mask, index, targets):
         decoder, head = decoder_and_head(self.lm)
         hidden = decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False,
-            **packed_kwargs(decoder, position_ids, attention_mask),  # packed rows: attention per sequence
+            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
         ).last_hidden_state  # (B, T, H)
         selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
         return selected_token_logps(head(selected), targets)
