@@ -8,6 +8,10 @@ measured dense matmul peak.
    - SFT, reward model, DPO: the median training tokens/s of the steps after the first two, times
      ``6 N`` (forward + backward);
    - rejection sampling: generated tokens/s (prefill not counted), times ``2 N``;
+   - PPO (the gold judge as its reward, value model of the policy's size): per iteration, ``2 N`` per
+     generated token + ``3 x 2 N`` per rollout token (policy, value and reference passes without gradients)
+     + ``2 x 6 N`` per rollout token and PPO epoch (policy and value trained), over the iteration's wall
+     time (median of the iterations after the first two); prompt prefill not counted;
    where ``N`` is the decoder layers' parameter count: the input embedding is a lookup, and the LM head runs
    only on the positions a stage scores (none in the reward model), a share not counted, so the model
    FLOPs and the fraction are lower bounds. DPO's reference pass (``2 N`` per token) is outside the timed
@@ -81,6 +85,11 @@ def stages(init: str, steps: int) -> list[dict]:
          "data": {"builtin": "world_helpful", "builtin_size": 400}, "train": train},
         {"name": "dpo", "kind": "dpo", "model": model, "metrics_records": 0,
          "data": {"builtin": "chat", "builtin_size": 400}, "train": train},
+        {"name": "ppo", "kind": "ppo", "model": model, "reward": {"function": "gold"}, "report_gold": False,
+         "prompts": {"builtin": "world", "builtin_size": 32 * (steps + 1)}, "iterations": steps,
+         "rollout_batch_size": 32, "ppo_epochs": 2,
+         "sampling": {"temperature": 1.0, "max_new_tokens": 48, "batch_size": 32},
+         "train": {**train, "batch_size": 16, "max_length": 512}},
         {"name": "rejection_sampling", "kind": "rejection_sampling", "model": model, "k": 8,
          "prompts": {"builtin": "world", "builtin_size": 32}, "reward": {"function": "gold"}, "write_pairs": False,
          "sampling": {"temperature": 1.0, "max_new_tokens": 48, "batch_size": 16}},
@@ -119,11 +128,31 @@ def measure_stage(stage: dict, work: Path, n: int, peak: float) -> dict:
         run_stage(recipe, stage["name"], 1, "roofline")
         out_dir = work / stage["name"] / "round_1" / stage["name"]
         rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        if stage["kind"] == "ppo":
+            return ppo_row(stage, rows, n, peak)
         rates = [r["train/tokens_per_s"] for r in rows if "train/tokens_per_s" in r][2:]
         rate, factor = statistics.median(rates), 6
     gflops = factor * n * rate / 1e9
     return {"stage": stage["kind"], "tokens_per_s": round(rate, 1), "model_gflops": round(gflops, 3),
             "fraction_of_peak": round(gflops / peak, 4)}
+
+
+def ppo_row(stage: dict, rows: list[dict], n: int, peak: float) -> dict:
+    """PPO's model FLOP/s per iteration (module docstring) from its metrics: the optimizer steps' mean
+    real tokens x steps / epochs = the rollout's tokens; response length x rollout batch = generated ones."""
+    epochs, batch = stage["ppo_epochs"], stage["rollout_batch_size"]
+    rates, tokens = [], []
+    for r in rows:
+        if "train/seconds" not in r:
+            continue
+        rollout_tokens = r["train/tokens"] * r["train/optimizer_steps"] / epochs
+        generated = r["train/response_length"] * batch
+        flops = 2 * n * generated + 6 * n * rollout_tokens + 12 * n * rollout_tokens * epochs
+        rates.append(flops / r["train/seconds"])
+        tokens.append(rollout_tokens / r["train/seconds"])
+    gflops = statistics.median(rates[2:]) / 1e9
+    return {"stage": "ppo", "tokens_per_s": round(statistics.median(tokens[2:]), 1),
+            "model_gflops": round(gflops, 3), "fraction_of_peak": round(gflops / peak, 4)}
 
 
 def main(argv=None) -> int:

@@ -57,7 +57,8 @@ MARKED_TEMPLATE = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=8, help="optimizer steps on each side")
+    p.add_argument("--steps", type=int, default=24,
+                   help="optimizer steps on each side (the first is warm-up; fewer make the ratio noisy)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="examples per step without packing; with packing, packed rows of max-length per step")
     p.add_argument("--max-length", type=int, default=256, help="truncate / pack to this many tokens")
