@@ -21,7 +21,7 @@ The fraction is what a stage achieves of the peak; at these sizes on a CPU it is
 kernel launches and the optimizer cost about as much as the arithmetic of a 1M-parameter model), which is
 the point: it says where the time goes, and how much faster the same work could be.
 
-    python bench/roofline.py                 # ~3 minutes on 2 CPU cores
+    python bench/roofline.py                 # ~5 minutes on 2 CPU cores
     python bench/roofline.py --sizes round   # the default round's size only
 
 The last line printed is one JSON object (``{"bench": "roofline", "peak_gflops": ..., "stages": [...]}``).
