@@ -56,6 +56,7 @@ class TrainSummary:
     seconds: float
     padding: float | None = None  # share of the token slots of this run's steps that were padding
 
+
 def make_plan(
     epoch_groups: Callable[[int], list[list[int]]], epochs: float, per_step: int, max_steps: int | None
 ) -> Plan:
@@ -125,7 +126,7 @@ def optimizer_step(
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
     metrics["tokens"] = tokens
-    if local_slots:  # batches that know their padded size
+    if batches and hasattr(batches[0], "padded_tokens"):  # batches that know their padded size (same on every process)
         slots = global_sum(accelerator, local_slots)
         metrics["padding"] = 1.0 - tokens / max(slots, 1)
         metrics["slots"] = int(slots)
@@ -177,7 +178,8 @@ def train(
     checkpoints = Checkpoints(accelerator, Path(out_dir) / "checkpoints", plan_hash(plan), cfg.keep_checkpoints,
                               stateful={"scheduler": scheduler})
     state = checkpoints.resume(desc) or {}
-    start, tokens_seen, slots_seen = state.get("step", 0), state.get("tokens", 0), state.get("slots", 0)
+    start, tokens_seen = state.get("step", 0), state.get("tokens", 0)
+    slots_seen, slot_tokens = state.get("slots", 0), state.get("slot_tokens", 0)  # padding share: steps with slots
     first_loss, last_loss = state.get("first_loss"), None
     if start:
         logger.truncate_after(start)
@@ -193,8 +195,10 @@ def train(
                                      cfg.optim.max_grad_norm)
         except TrainingDiverged as err:
             raise TrainingDiverged(f"[{desc}] step {step + 1}/{len(plan)}: {err}") from None
+        if "slots" in metrics:
+            slots_seen += metrics.pop("slots")
+            slot_tokens += metrics["tokens"]
         tokens_seen += metrics.pop("tokens")
-        slots_seen += metrics.pop("slots", 0)
         first_loss = metrics["loss"] if first_loss is None else first_loss
         last_loss = metrics["loss"]
         done = step + 1
@@ -206,7 +210,8 @@ def train(
         if on_step is not None:  # before the checkpoint: a run resumed from it has had on_step(done)
             on_step(done)
         if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
-            checkpoints.save(done, {"tokens": tokens_seen, "slots": slots_seen, "first_loss": first_loss})
+            checkpoints.save(done, {"tokens": tokens_seen, "slots": slots_seen, "slot_tokens": slot_tokens,
+                                    "first_loss": first_loss})
     bar.close()
     return TrainSummary(
         steps=len(plan),
@@ -215,5 +220,5 @@ def train(
         last_loss=last_loss,
         tokens=tokens_seen,
         seconds=time.perf_counter() - t_start,
-        padding=1.0 - tokens_seen / slots_seen if slots_seen else None,
+        padding=1.0 - slot_tokens / slots_seen if slots_seen else None,
     )
