@@ -156,7 +156,7 @@ def main(argv=None) -> int:
 
 
 def describe(args, stats: dict, model_desc: str) -> None:
-    layout = ("packed (ours: a token budget of batch x max_length per step, packed into rows of max_length; "
+    layout = ("packed (ours: the epoch packed best-fit into rows of max_length, batch rows per step; "
               "TRL: bfd packing into rows of max_length, batch rows per step flattened into one padding-free "
               "row)" if args.packing else "padded (batch examples per step, right-padded, same batches)")
     threads = args.threads if args.threads > 0 else "torch default"
