@@ -45,9 +45,8 @@ class PreferenceExample:
     pairs: list[tuple[int, int]]  # (chosen, rejected) indices into ``responses``
     truncated: int = field(default=0, compare=False)  # responses cut at max_length
 
-    @property
-    def row_length(self) -> int:
-        """Tokens of its shared-prompt row: the prompt once, then every response."""
+    def __len__(self) -> int:
+        """Tokens of its shared-prompt row: the prompt once, then every response (as ``RankedExample``)."""
         return len(self.prompt_ids) + sum(map(len, self.responses))
 
 

@@ -41,7 +41,8 @@ def sampling_logps(logits: torch.Tensor, temperature: float, top_p: float) -> to
     return torch.log_softmax(logps.masked_fill(drop, float("-inf")), dim=-1)
 
 
-def nucleus_mask(logps: torch.Tensor, top_p: float, buckets: int = 1024) -> torch.Tensor:
+def nucleus_mask(logps: torch.Tensor, top_p: float, buckets: int = 1024,
+                 probs: torch.Tensor | None = None) -> torch.Tensor:
     """(N, V) log-probs -> (N, V) bool: the tokens top-p keeps (those of :func:`sampling_logps`: a token is kept
     when the probability of the tokens more likely than it is below ``top_p``), without sorting the
     vocabulary.
@@ -51,10 +52,10 @@ def nucleus_mask(logps: torch.Tensor, top_p: float, buckets: int = 1024) -> torc
     (``scatter_add``) and its running sum give, in O(V), the slices kept whole (all of their tokens have
     less than ``top_p`` above them), the slices dropped whole, and the one slice where the boundary falls;
     only that slice's tokens are sorted (``topk`` over them) to place the boundary token by token. Exact up
-    to the order of float additions and of tied probabilities.
+    to the order of float additions and of tied probabilities. ``probs``: ``logps.exp()`` when the caller has it.
     """
-    n, v = logps.shape
-    probs = logps.exp()
+    n = logps.shape[0]
+    probs = logps.exp() if probs is None else probs
     hi = logps.max(dim=-1, keepdim=True).values
     lo = torch.maximum(logps.min(dim=-1, keepdim=True).values, hi - 80.0)  # -inf (zero probability) capped
     width = ((hi - lo) / buckets).clamp(min=1e-30)
@@ -88,7 +89,7 @@ def draw(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     logps = torch.log_softmax(logits if params.temperature == 1 else logits / params.temperature, dim=-1)
     probs = logps.exp()
     if params.top_p < 1.0:
-        probs = probs.masked_fill(~nucleus_mask(logps, params.top_p), 0.0)
+        probs = probs.masked_fill(~nucleus_mask(logps, params.top_p, probs=probs), 0.0)
     cdf = probs.cumsum(dim=-1)  # (N, V)
     mass = cdf[:, -1:]  # (N, 1) probability of the kept tokens
     u = torch.rand(mass.shape, generator=generator, device=mass.device) * mass

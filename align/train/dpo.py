@@ -93,7 +93,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
     # step 5
     per_step = cfg.grad_accum * accelerator.num_processes
 
-    lengths = [ex.row_length for ex in train_ex]
+    lengths = [len(ex) for ex in train_ex]
 
     def epoch_groups(epoch):
         order = epoch_order(len(train_ex), ctx.seed, epoch)
@@ -118,7 +118,7 @@ def run(stage: DPOStage, ctx: StageContext) -> StageResult:
 
     loss_fn = make_loss_fn(stage.beta, stage.nll_weight, stage.label_smoothing)
     train_groups = length_sorted_groups(lengths[: stage.metrics_records], cfg.batch_size)
-    eval_groups = length_sorted_groups([ex.row_length for ex in eval_ex], cfg.batch_size)
+    eval_groups = length_sorted_groups([len(ex) for ex in eval_ex], cfg.batch_size)
 
     def score():
         out = {}

@@ -53,7 +53,7 @@ def compute_response_logps(
 ) -> tuple[list[list[float]], int]:
     """DPO-masked log-prob sum of every response: -> (per example, per response), forward passes."""
     dtype = next(model.parameters()).dtype
-    groups = length_sorted_groups([ex.row_length for ex in examples], batch_size)
+    groups = length_sorted_groups([len(ex) for ex in examples], batch_size)
 
     def make_batch(group):
         return collate_pairs([examples[i] for i in group], pad_id, dtype).to(device)

@@ -50,7 +50,7 @@ def score_examples(model, examples, batch_size: int, pad_id: int, device, dtype=
     def make_batch(group):
         return collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
 
-    groups = length_sorted_groups([len(e.row.input_ids) for e in examples], batch_size)
+    groups = length_sorted_groups([len(e) for e in examples], batch_size)
     for group, (batch, scores) in zip(groups, no_grad_map(model, groups, make_batch,
                                                          lambda m, b: m(*b.model_inputs())), strict=True):
         flat = scores.tolist()
@@ -115,7 +115,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
     # step 5
     per_step = cfg.grad_accum * accelerator.num_processes
 
-    lengths = [len(e.row.input_ids) for e in train_ex]
+    lengths = [len(e) for e in train_ex]
 
     def epoch_groups(epoch):
         order = epoch_order(len(train_ex), ctx.seed, epoch)
