@@ -4,12 +4,24 @@
           R_h   otherwise
     reward = WHITEN(LOGIT(R_c))
 
-``R_s``, ``R_h`` are on the sigmoid scale in the paper. Our models output raw logits ``r``, so the
-threshold is compared with ``sigmoid(r_safety)`` by default (``threshold_scale="sigmoid"``: 0.15 means
-``r_safety < logit(0.15) = -1.73``); ``threshold_scale="raw"`` compares the raw score and
-``"whitened"`` the safety score whitened with the safety model's stats (useful because a Bradley-Terry
-model's raw scores have an arbitrary offset). The selected score is then whitened with the statistics
-of the model it came from (``LOGIT(sigmoid(r)) = r``, so whitening works on the raw score).
+``R_s``, ``R_h`` are on the sigmoid scale in the paper. Our models output raw logits ``r``. Where the
+threshold is compared (``threshold_scale``):
+
+- ``"whitened"`` (default): ``sigmoid`` of the safety score whitened with the safety model's statistics,
+  so 0.15 means 1.73 standard deviations below the model's mean score. A Bradley-Terry model learns score
+  differences only: its raw scores carry an arbitrary offset, and on answers unlike its training data (a
+  safety model trained on harmful requests and their look-alikes, scoring "The capital of Vantor is Loam.")
+  ``sigmoid(raw) < 0.15`` can hold for most ordinary answers. The safety score then replaces the
+  helpfulness score on most helpfulness prompts and carries no information about them (measured in the
+  built-in world: 80% of the samples of helpfulness prompts, and best-of-8 kept answers 0.828 instead of
+  0.853 under the gold judge). Llama 2's safety model gave calibrated probabilities: it was trained with 10%
+  helpfulness data in its mix.
+- ``"sigmoid"``: ``sigmoid(r_safety)``, the paper's rule for a calibrated model (0.15 means
+  ``r_safety < logit(0.15) = -1.73``).
+- ``"raw"``: the raw score itself.
+
+The selected score is then whitened with the statistics of the model it came from
+(``LOGIT(sigmoid(r)) = r``, so whitening works on the raw score).
 """
 
 from __future__ import annotations
@@ -39,7 +51,7 @@ def combine_scores(
     is_safety: Sequence[bool] | None = None,
     *,
     threshold: float = LLAMA2_SAFETY_THRESHOLD,
-    threshold_scale: ThresholdScale = "sigmoid",
+    threshold_scale: ThresholdScale = "whitened",
     safety_stats: RewardStats | None = None,
     rule: Callable[[bool, float, float], bool] = llama2_uses_safety,
 ) -> tuple[list[float], list[bool]]:
@@ -54,7 +66,8 @@ def combine_scores(
     if len(tags) != len(helpful):
         raise ValueError(f"{len(tags)} safety tags for {len(helpful)} scores")
     if threshold_scale == "whitened" and safety_stats is None:
-        raise ValueError("threshold_scale='whitened' needs the safety model's stats")
+        raise ValueError("threshold_scale='whitened' needs the safety model's stats (reward_stats.json, "
+                         "written by align's reward_model stage); without them use threshold_scale='sigmoid'")
     combined, used = [], []
     for h, s, tagged in zip(helpful, safety, tags, strict=True):
         use = rule(bool(tagged), _on_scale(float(s), threshold_scale, safety_stats), threshold)
@@ -67,7 +80,7 @@ def _on_scale(raw: float, scale: ThresholdScale, stats: RewardStats | None) -> f
     if scale == "sigmoid":
         return sigmoid(raw)
     if scale == "whitened":
-        return whiten(raw, stats)
+        return sigmoid(whiten(raw, stats))
     return raw
 
 
@@ -93,7 +106,7 @@ class CombinedReward:
         safety,
         *,
         threshold: float = LLAMA2_SAFETY_THRESHOLD,
-        threshold_scale: ThresholdScale = "sigmoid",
+        threshold_scale: ThresholdScale = "whitened",
         whiten: bool = True,
         rule: Callable[[bool, float, float], bool] = llama2_uses_safety,
         batch_size: int = 8,

@@ -19,8 +19,11 @@ class RewardSpec(Strict):
     helpful: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="the Helpfulness reward model (with 'safety')")
     safety: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="the Safety reward model (with 'helpful')")
     safety_threshold: float = Field(0.15, description="Llama 2: use the safety score when it is below this")
-    threshold_scale: Literal["sigmoid", "raw"] = Field(
-        "sigmoid", description="compare sigmoid(safety score) (Llama 2) or the raw score with the threshold"
+    threshold_scale: Literal["whitened", "sigmoid", "raw"] = Field(
+        "whitened", description="what the threshold is compared with: whitened = sigmoid of the safety score "
+        "whitened with the safety model's stats (a Bradley-Terry model's raw scores have an arbitrary offset, "
+        "which the raw sigmoid would take for unsafety); sigmoid = sigmoid(raw score), Llama 2's rule for a "
+        "calibrated model; raw = the raw score"
     )
     whiten: bool = Field(True, description="whiten scores with each model's saved statistics")
     function: Literal["gold"] | None = Field(None, description="a programmatic reward instead of models")

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from align.config.reward import RewardSpec
 from align.config.specs import ModelSpec
 from rewards.combine import CombinedReward
 from rewards.gold import gold_reward
-from rewards.protocol import RewardFunction
+from rewards.protocol import RewardFunction, as_rewards
 from rewards.scoring import ModelReward, RewardScorer
+
+if TYPE_CHECKING:
+    import torch
 
 
 def build_reward(spec: RewardSpec, model_path: Callable[[ModelSpec], str]) -> RewardFunction:
@@ -27,3 +31,14 @@ def build_reward(spec: RewardSpec, model_path: Callable[[ModelSpec], str]) -> Re
         threshold=spec.safety_threshold, threshold_scale=spec.threshold_scale, whiten=spec.whiten,
         batch_size=spec.batch_size,
     )
+
+
+def score_and_count(reward: RewardFunction, prompts, responses, is_safety) -> tuple[torch.Tensor, int, int]:
+    """-> (the reward's scores, samples of prompts not tagged safety, how many of those the Helpfulness +
+    Safety combination scored with the safety model). A high share means the safety model's scores fall
+    below the threshold on ordinary answers (see :mod:`rewards.combine`); 0, 0 for other rewards."""
+    if not isinstance(reward, CombinedReward):
+        return reward(prompts, responses, is_safety), 0, 0
+    out = reward.score(prompts, responses, is_safety)
+    untagged = [used for used, tagged in zip(out.used_safety, is_safety, strict=True) if not tagged]
+    return as_rewards(out.reward), len(untagged), sum(untagged)

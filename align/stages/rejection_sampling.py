@@ -24,7 +24,7 @@ from align.config.rejection_sampling import RejectionSamplingStage
 from align.data.sources import load_prompts
 from align.generation import make_generator, policy_generator
 from align.io_atomic import append_line, read_json_lines
-from align.models.reward_fn import build_reward
+from align.models.reward_fn import build_reward, score_and_count
 from align.runtime import StageContext, StageInputError, StageResult
 from data_schemas import Message, PreferenceRecord, ScoredSample, SFTRecord, read_jsonl, write_jsonl
 
@@ -155,8 +155,11 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
     flat_texts = [t for c in candidates for t in c]
     reward = build_reward(stage.reward, ctx.model_path)
-    flat_scores = reward([r.prompt for r in flat_records], flat_texts,
-                         [r.is_safety for r in flat_records]).tolist() if flat_texts else []
+    flat_scores, untagged, by_safety = [], 0, 0
+    if flat_texts:
+        scored, untagged, by_safety = score_and_count(reward, [r.prompt for r in flat_records], flat_texts,
+                                                      [r.is_safety for r in flat_records])
+        flat_scores = scored.tolist()
     # step 4
     sft, pairs, samples_rows, best_scores, mean_scores, first_scores = [], [], [], [], [], []
     pos = 0
@@ -200,6 +203,8 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         "prompts_without_finished": float(sum(not c for c in candidates)),
         "samples_generated": generated,
     }
+    if untagged:  # the Helpfulness + Safety combination: how often the safety model scored a helpfulness prompt
+        metrics["safety_scored_share"] = by_safety / untagged
     if generated:
         metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
     if stage.report_gold:

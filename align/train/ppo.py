@@ -38,7 +38,7 @@ from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.inference import causal_only, no_grad_map
 from align.models.loading import count_parameters, load_causal_lm, save_checkpoint
 from align.models.reward import backbone_and_head, load_reward_model, load_reward_tokenizer
-from align.models.reward_fn import build_reward
+from align.models.reward_fn import build_reward, score_and_count
 from align.rl.advantages import gae, kl_penalized_rewards, masked_mean, masked_whiten
 from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
@@ -183,7 +183,8 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
         with gathered_for_generation(accelerator, model):
             samples = _generate(sampler, accelerator.unwrap_model(model).policy, batch_prompts, stage, it, ctx)
         texts = [s.text for s in samples]
-        scores = reward([p.prompt for p in batch_prompts], texts, [p.is_safety for p in batch_prompts])
+        scores, untagged, by_safety = score_and_count(reward, [p.prompt for p in batch_prompts], texts,
+                                                      [p.is_safety for p in batch_prompts])
         scores = scores.to(device=device, dtype=torch.float32)
         no_eos = torch.tensor([s.finish_reason != "stop" for s in samples], device=device)
         raw_scores = scores
@@ -207,6 +208,9 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
                                      samples, accelerator)
         if world_prompts:
             metrics.update(_gold(batch_prompts, texts))
+        untagged = global_sum(accelerator, untagged)
+        if untagged:  # the Helpfulness + Safety combination scored a helpfulness prompt with the safety model
+            metrics["safety_scored_share"] = global_sum(accelerator, by_safety) / untagged
         metrics["seconds"] = time.perf_counter() - t0
         metrics["rollout_seconds"] = gen_seconds
         first = metrics if first is None else first

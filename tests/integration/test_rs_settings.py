@@ -2,8 +2,8 @@
 
 - ``reward.safety_threshold`` / ``threshold_scale``: two real reward-model checkpoints whose head is zero
   (every raw score is 0, sigmoid 0.5) and whose saved stats whiten 0 to +1 (helpful) and -2 (safety):
-  the reward of every sample says which model the stage used. sigmoid 0.5 < 0.15? no -> helpful (+1);
-  < 0.6? yes -> safety (-2); raw 0 < 0.15? yes -> safety (-2).
+  the reward of every sample says which model the stage used. Default (whitened): sigmoid(-2) = 0.119 <
+  0.15 -> safety (-2); sigmoid scale: 0.5 < 0.15? no -> helpful (+1); < 0.6? yes -> safety (-2).
 - ``pool_previous_rounds``: round 2 chooses among round 1's samples too; on a prompt where round 1's
   best beats every round-2 sample, round 2 keeps round 1's sample.
 """
@@ -71,13 +71,13 @@ def test_rs_stage_uses_its_safety_threshold_and_scale(tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 2)
     both = {"helpful": {"path": helpful}, "safety": {"path": safety}}
     stages = [
-        rs_stage("rs_default", prompts, both),  # Llama 2's 0.15 on the sigmoid scale
-        rs_stage("rs_high", prompts, {**both, "safety_threshold": 0.6}),
-        rs_stage("rs_raw", prompts, {**both, "threshold_scale": "raw"}),
+        rs_stage("rs_default", prompts, both),  # Llama 2's 0.15 on the whitened scale
+        rs_stage("rs_sigmoid", prompts, {**both, "threshold_scale": "sigmoid"}),
+        rs_stage("rs_high", prompts, {**both, "threshold_scale": "sigmoid", "safety_threshold": 0.6}),
     ]
     recipe = recipe_from_dict({"name": "t", "seed": 0, "output_dir": str(tmp_path / "runs"), "stages": stages})
     by = {r["stage"]: r for r in run_recipe(recipe, log=lambda *_: None)}
-    want = {"rs_default": 1.0, "rs_high": -2.0, "rs_raw": -2.0}
+    want = {"rs_default": -2.0, "rs_sigmoid": 1.0, "rs_high": -2.0}
     for name, reward in want.items():
         m = by[name]["metrics"]
         assert m["kept"] > 0, name

@@ -18,7 +18,7 @@ def test_combination_rule_on_hand_made_cases():
     helpful = [2.0, 2.0, 2.0, 2.0, 2.0]
     safety = [3.0, -2.0, 0.0, -1.70, -1.76]  # sigmoid: 0.953, 0.119, 0.5, 0.1545, 0.1468
     tagged = [True, False, False, False, False]
-    combined, used = combine_scores(helpful, safety, tagged)
+    combined, used = combine_scores(helpful, safety, tagged, threshold_scale="sigmoid")
     assert used == [True, True, False, False, True]  # tagged; low safety score; neither; just above; below
     assert combined == [3.0, -2.0, 2.0, 2.0, -1.76]
     assert -1.76 < LOGIT_015 < -1.70
@@ -27,10 +27,23 @@ def test_combination_rule_on_hand_made_cases():
 def test_combination_threshold_scales_and_custom_rule():
     _, used = combine_scores([1.0, 1.0], [0.1, 0.2], threshold_scale="raw")
     assert used == [True, False]
+    # whitened (the default): sigmoid((raw - 1) / 2): raw -2.6 -> -1.8 -> 0.1419 < 0.15; raw -2.4 -> -1.7 ->
+    # 0.1545; raw 1.0 -> 0 -> 0.5. On the raw sigmoid scale: 0.069, 0.083 and 0.731.
     stats = RewardStats(mean=1.0, std=2.0, count=10)
-    _, used = combine_scores([1.0, 1.0], [1.2, 1.4], threshold_scale="whitened", safety_stats=stats)
-    assert used == [True, False]  # whitened 0.1 < 0.15 ; 0.2 >= 0.15
-    _, used = combine_scores([0.0], [5.0], [True], rule=lambda tagged, value, threshold: False)
+    _, used = combine_scores([1.0] * 3, [-2.6, -2.4, 1.0], safety_stats=stats)
+    assert used == [True, False, False]
+    _, used = combine_scores([1.0] * 3, [-2.6, -2.4, 1.0], threshold_scale="sigmoid")
+    assert used == [True, True, False]
+    # a safety model whose every score sits 3 below zero (a Bradley-Terry offset): raw sigmoid 0.047 takes all
+    # of them for unsafe; whitened with its own mean and std they are ordinary (0.5, 0.73, 0.27)
+    offset = RewardStats(mean=-3.0, std=1.0, count=10)
+    _, used = combine_scores([1.0] * 3, [-3.0, -2.0, -4.0], safety_stats=offset)
+    assert used == [False, False, False]
+    assert combine_scores([1.0] * 3, [-3.0, -2.0, -4.0], threshold_scale="sigmoid")[1] == [True] * 3
+    with pytest.raises(ValueError, match="needs the safety model's stats"):
+        combine_scores([1.0], [0.0])
+    _, used = combine_scores([0.0], [5.0], [True], rule=lambda tagged, value, threshold: False,
+                             threshold_scale="raw")
     assert used == [False]
     with pytest.raises(ValueError, match="2 helpfulness scores but 1"):
         combine_scores([0.0, 1.0], [0.0])

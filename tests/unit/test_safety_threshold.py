@@ -10,6 +10,7 @@ the raw scale. Worked out by hand:
 import pytest
 
 from rewards.combine import LLAMA2_SAFETY_THRESHOLD, combine_scores
+from rewards.whitening import RewardStats
 
 HELPFUL = [1.0, 4.0, 3.0, 2.0, 0.5]
 SAFETY = [-2.0, -1.0, -0.3, 0.5, 2.0]
@@ -33,7 +34,15 @@ def test_threshold_and_scale_decide_the_score_and_the_pick(threshold, scale, use
     assert best(combined) == pick
 
 
-def test_default_is_llama2_015():
+def test_default_is_llama2_015_on_the_whitened_scale():
+    # stats that whiten nothing (mean 0, std 1): the default scale is then the paper's sigmoid scale
+    identity = RewardStats(mean=0.0, std=1.0, count=10)
     assert LLAMA2_SAFETY_THRESHOLD == 0.15
-    assert combine_scores(HELPFUL, SAFETY) == combine_scores(HELPFUL, SAFETY, threshold=0.15)
-    assert combine_scores(HELPFUL, SAFETY)[1] != combine_scores(HELPFUL, SAFETY, threshold=0.5)[1]
+    default = combine_scores(HELPFUL, SAFETY, safety_stats=identity)
+    assert default == combine_scores(HELPFUL, SAFETY, threshold=0.15, threshold_scale="sigmoid")
+    assert default[1] != combine_scores(HELPFUL, SAFETY, threshold=0.5, safety_stats=identity)[1]
+    # a model whose scores sit 1 higher: the raw sigmoid scale lets the offset decide, the default does not
+    shifted = [s + 1.0 for s in SAFETY]
+    assert combine_scores(HELPFUL, shifted, safety_stats=RewardStats(mean=1.0, std=1.0, count=10)) == (
+        [s + 1.0 if u else h for h, s, u in zip(HELPFUL, SAFETY, default[1], strict=True)], default[1])
+    assert combine_scores(HELPFUL, shifted, threshold_scale="sigmoid")[1] == [False] * 5
