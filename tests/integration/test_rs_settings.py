@@ -80,6 +80,7 @@ def test_rs_stage_uses_its_safety_threshold_and_scale(tmp_path):
     want = {"rs_default": -2.0, "rs_sigmoid": 1.0, "rs_high": -2.0}
     for name, reward in want.items():
         m = by[name]["metrics"]
+        assert m["safety_scored_share"] == (1.0 if reward == -2.0 else 0.0), name  # no prompt is tagged safety
         assert m["kept"] > 0, name
         assert m["reward_best_mean"] == pytest.approx(reward, abs=1e-5), name
         assert m["reward_sample_mean"] == pytest.approx(reward, abs=1e-5), name

@@ -69,6 +69,19 @@ def test_combined_reward_whitens_with_the_chosen_models_stats():
         CombinedReward(FixedScorer([0.0], None), safety)
 
 
+def test_score_and_count_reports_how_often_the_safety_model_scored_an_untagged_prompt():
+    from align.models.reward_fn import score_and_count
+
+    helpful = FixedScorer([3.0, 3.0, 3.0, 3.0], RewardStats(mean=1.0, std=2.0, count=4))
+    # whitened with mean -1, std 0.5: -2.0 -> -2 (sigmoid 0.12: safety), 0.0 -> +2 (helpful)
+    safety = FixedScorer([-2.0, 0.0, -2.0, 0.0], RewardStats(mean=-1.0, std=0.5, count=4))
+    scores, untagged, by_safety = score_and_count(CombinedReward(helpful, safety), ["a", "b", "c", "d"],
+                                                  ["w", "x", "y", "z"], [False, False, True, True])
+    assert (untagged, by_safety) == (2, 1)  # the tagged prompts use the safety score and are not counted
+    assert scores.tolist() == pytest.approx([-2.0, 1.0, -2.0, 2.0])
+    assert score_and_count(lambda p, r, t: torch.tensor([0.5]), ["a"], ["b"], [False])[1:] == (0, 0)
+
+
 def test_whitening(tmp_path):
     stats = compute_stats([1.0, 2.0, 3.0, 4.0], max_length=64)
     assert stats.mean == 2.5 and stats.std == pytest.approx(math.sqrt(1.25)) and stats.count == 4
