@@ -164,6 +164,7 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
                "eval_records": len(eval_ex), "epochs_trained": epochs_trained, **hygiene}
     # step 7
     out_dir = Path(ctx.out_dir)
+    eval_scores = []
     if eval_ex:
         eval_scores, accuracy = held_out()
         metrics.update(accuracy, rm_accuracy_before=accuracy_before,
@@ -174,13 +175,13 @@ def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
             _write_eval_scores(out_dir / "eval_scores.jsonl", eval_records, eval_scores)
     logger.close()
     # step 8
-    stats_ex = train_ex[: stage.stats_records] + eval_ex
+    stats_ex = train_ex[: stage.stats_records]
     stats = None
-    if stats_ex:  # stats_records: 0 and no held-out split: no reward_stats.json
-        flat = [s for rec in score_examples(model, stats_ex, cfg.batch_size, tokenizer.pad_token_id,
-                                            accelerator.device, dtype) for s in rec]
+    if stats_ex or eval_ex:  # stats_records: 0 and no held-out split: no reward_stats.json
+        scored = score_examples(model, stats_ex, cfg.batch_size, tokenizer.pad_token_id, accelerator.device, dtype)
+        flat = [s for rec in scored + eval_scores for s in rec]  # the held-out scores of step 7, not again
         stats = compute_stats(flat, max_length=cfg.max_length, max_prompt_length=max_prompt_length,
-                              extra={"records": len(stats_ex), "stage": stage.name})
+                              extra={"records": len(stats_ex) + len(eval_ex), "stage": stage.name})
         metrics.update(reward_mean=stats.mean, reward_std=stats.std)
     model_dir = ctx.output(Artifact.REWARD_MODEL)
     accelerator.wait_for_everyone()
