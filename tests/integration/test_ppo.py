@@ -93,3 +93,19 @@ def test_resume_after_a_kill_gives_the_same_trajectory(tmp_path, monkeypatch):
     wb = load_file(str(tmp_path / "killed/runs/t/round_1/ppo/model/model.safetensors"))
     for k in wa:
         assert torch.allclose(wa[k], wb[k], atol=1e-6), k
+
+
+def test_ppo_raises_a_learnable_reward(tmp_path, monkeypatch):
+    """Reward = the share of 'a' in the answer: a random tiny policy writes 'a' 1 time in 262 (the byte
+    vocabulary); 20 iterations of PPO (no KL penalty) make it the most likely byte."""
+
+    def share_of_a(prompts, responses, is_safety=None):
+        return torch.tensor([r.count("a") / max(len(r), 1) for r in responses], dtype=torch.float64)
+
+    monkeypatch.setattr(ppo, "build_reward", lambda spec, model_path: share_of_a)
+    settings = {"iterations": 20, "rollout_batch_size": 32, "kl_coef": 0.0,
+                "sampling": {"temperature": 1.0, "max_new_tokens": 8, "batch_size": 32},
+                "train": {"batch_size": 8, "report_to": [], "optim": {"lr": 1e-2, "warmup_ratio": 0.0}}}
+    run_stage(recipe_from_dict(recipe(tmp_path, **settings)), "ppo", 1, "fp")
+    scores = [r["train/score"] for r in rows(tmp_path / "runs/t/round_1/ppo")]
+    assert max(scores[:3]) < 0.05 and min(scores[-2:]) > 0.5, scores

@@ -184,3 +184,23 @@ def test_helpful_and_safety_models_on_real_data(shared_data, tmp_path):
                                          is_safety=[True, False, False, False])
     assert out.used_safety[0] and len(out.reward) == 4
     assert out.safety[0] == pytest.approx(rows[0]["scores"][0], abs=1e-5)
+
+
+@pytest.mark.slow  # two stages, each in its own process: ~10 s
+def test_max_prompt_length_keeps_the_start_of_long_prompts(tmp_path):
+    """Prompts of ~95 tokens at max_length 160: the default keeps their last 80 (cut), 120 keeps them
+    whole; the scorer saved with the model (reward_stats.json) applies the same rule."""
+    rows = marker_records(16)
+    for r in rows:
+        r["prompt"].insert(0, {"role": "system", "content": "Answer with the words only."})
+    data = write_jsonl(tmp_path / "prefs.jsonl", rows)
+    recipe = rm_recipe(tmp_path, data, train={"max_steps": 1, "max_length": 160})
+    recipe["stages"].append({**recipe["stages"][0], "name": "rm_long", "max_prompt_length": 120})
+    by = {r["stage"]: r for r in run_recipe(recipe_from_dict(recipe), log=lambda *_: None)}
+    assert by["rm"]["metrics"]["truncated_prompts"] == 16
+    assert by["rm_long"]["metrics"]["truncated_prompts"] == 0
+    long = RewardScorer.from_pretrained(by["rm_long"]["artifacts"]["reward_model"], device="cpu")
+    short = RewardScorer.from_pretrained(by["rm"]["artifacts"]["reward_model"], device="cpu")
+    prompt, response = rows[0]["prompt"], rows[0]["responses"][0]
+    assert long.encode(prompt, response)[:1] == [long.tokenizer.bos_token_id]  # starts at <|begin_of_text|>
+    assert len(short.encode(prompt, response)) < len(long.encode(prompt, response))
