@@ -244,7 +244,7 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
 
 
 _HEADLINE = ("score", "kl", "kl_k3", "gold_helpfulness", "safety_violation_rate", "no_eos_rate", "response_length",
-             "pg_loss", "vf_loss", "explained_variance")
+             "pg_loss", "vf_loss", "explained_variance", "safety_scored_share")
 
 
 def _value_source(stage: PPOStage, ctx: StageContext):

@@ -109,3 +109,21 @@ def test_ppo_raises_a_learnable_reward(tmp_path, monkeypatch):
     run_stage(recipe_from_dict(recipe(tmp_path, **settings)), "ppo", 1, "fp")
     scores = [r["train/score"] for r in rows(tmp_path / "runs/t/round_1/ppo")]
     assert max(scores[:3]) < 0.05 and min(scores[-2:]) > 0.5, scores
+
+
+def test_ppo_reports_how_often_the_safety_model_scored_a_helpfulness_prompt(tmp_path):
+    """Two reward models whose head is zero (every raw score 0) and whose stats whiten 0 to +1 (helpful) and
+    -2 (safety): on the default whitened scale sigmoid(-2) = 0.12 < 0.15, so the safety model scores every
+    rollout; on the sigmoid scale 0.5 >= 0.15, so none of the untagged prompts' rollouts."""
+    from rewards.whitening import RewardStats
+    from tests.integration.test_rs_settings import save_rm
+
+    helpful = save_rm(tmp_path / "helpful", "zero", RewardStats(mean=-1.0, std=1.0, count=10))
+    safety = save_rm(tmp_path / "safety", "zero", RewardStats(mean=2.0, std=1.0, count=10))
+    both = {"helpful": {"path": helpful}, "safety": {"path": safety}}
+    shares = {}
+    for name, reward in (("whitened", both), ("sigmoid", {**both, "threshold_scale": "sigmoid"})):
+        (record,) = run_recipe(recipe_from_dict(recipe(tmp_path / name, reward=reward, iterations=1)),
+                               log=lambda *_: None)
+        shares[name] = record["metrics"]["safety_scored_share_first"]
+    assert shares == {"whitened": 1.0, "sigmoid": 0.0}
