@@ -116,6 +116,9 @@ class CombinedReward:
         self.whiten = whiten
         if whiten and (helpful.stats is None or safety.stats is None):
             raise ValueError("whiten=True needs reward_stats.json with both models (or pass whiten=False)")
+        if threshold_scale == "whitened" and safety.stats is None:
+            raise ValueError("threshold_scale='whitened' needs the safety model's reward_stats.json (written by "
+                             "align's reward_model stage); without it use threshold_scale='sigmoid'")
 
     def __call__(self, prompts, responses, is_safety: Sequence[bool] | None = None) -> torch.Tensor:
         """(B,) float64: the combined reward of :meth:`score`."""

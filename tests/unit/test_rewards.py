@@ -67,6 +67,9 @@ def test_combined_reward_whitens_with_the_chosen_models_stats():
     assert raw.reward == [-2.0, 0.0] and raw.helpful == [3.0, 3.0]
     with pytest.raises(ValueError, match="reward_stats"):
         CombinedReward(FixedScorer([0.0], None), safety)
+    with pytest.raises(ValueError, match="threshold_scale='whitened' needs"):  # when built, not when scoring
+        CombinedReward(helpful, FixedScorer([0.0], None), whiten=False)
+    CombinedReward(helpful, FixedScorer([0.0], None), whiten=False, threshold_scale="sigmoid")
 
 
 def test_score_and_count_reports_how_often_the_safety_model_scored_an_untagged_prompt():
