@@ -65,15 +65,19 @@ def combine_scores(
     tags = [False] * len(helpful) if is_safety is None else list(is_safety)
     if len(tags) != len(helpful):
         raise ValueError(f"{len(tags)} safety tags for {len(helpful)} scores")
-    if threshold_scale == "whitened" and safety_stats is None:
-        raise ValueError("threshold_scale='whitened' needs the safety model's stats (reward_stats.json, "
-                         "written by align's reward_model stage); without them use threshold_scale='sigmoid'")
+    _check_scale(threshold_scale, safety_stats)
     combined, used = [], []
     for h, s, tagged in zip(helpful, safety, tags, strict=True):
         use = rule(bool(tagged), _on_scale(float(s), threshold_scale, safety_stats), threshold)
         combined.append(float(s) if use else float(h))
         used.append(use)
     return combined, used
+
+
+def _check_scale(scale: ThresholdScale, safety_stats: RewardStats | None) -> None:
+    if scale == "whitened" and safety_stats is None:
+        raise ValueError("threshold_scale='whitened' needs the safety model's stats (reward_stats.json, "
+                         "written by align's reward_model stage); without them use threshold_scale='sigmoid'")
 
 
 def _on_scale(raw: float, scale: ThresholdScale, stats: RewardStats | None) -> float:
@@ -116,9 +120,7 @@ class CombinedReward:
         self.whiten = whiten
         if whiten and (helpful.stats is None or safety.stats is None):
             raise ValueError("whiten=True needs reward_stats.json with both models (or pass whiten=False)")
-        if threshold_scale == "whitened" and safety.stats is None:
-            raise ValueError("threshold_scale='whitened' needs the safety model's reward_stats.json (written by "
-                             "align's reward_model stage); without it use threshold_scale='sigmoid'")
+        _check_scale(threshold_scale, safety.stats)  # now, not at the first score
 
     def __call__(self, prompts, responses, is_safety: Sequence[bool] | None = None) -> torch.Tensor:
         """(B,) float64: the combined reward of :meth:`score`."""

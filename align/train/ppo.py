@@ -208,9 +208,9 @@ def run(stage: PPOStage, ctx: StageContext) -> StageResult:
                                      samples, accelerator)
         if world_prompts:
             metrics.update(_gold(batch_prompts, texts))
-        untagged = global_sum(accelerator, untagged)
-        if untagged:  # the Helpfulness + Safety combination scored a helpfulness prompt with the safety model
-            metrics["safety_scored_share"] = global_sum(accelerator, by_safety) / untagged
+        untagged_all = global_sum(accelerator, untagged)
+        if untagged_all:  # the Helpfulness + Safety combination scored a helpfulness prompt with the safety model
+            metrics["safety_scored_share"] = global_sum(accelerator, by_safety) / untagged_all
         metrics["seconds"] = time.perf_counter() - t0
         metrics["rollout_seconds"] = gen_seconds
         first = metrics if first is None else first
