@@ -89,3 +89,14 @@ def test_validation_does_not_import_torch():
         f"load_recipe({str(RECIPES[0])!r}); assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_ppo_recipe_shares_the_default_rounds_stages_exactly():
+    """README: a finished default round's stages are reused by recipes/ppo.yaml (same fingerprints)."""
+    default = recipe_from_dict(base(), [], source="llama3_round.yaml")
+    ppo_path = Path(__file__).resolve().parents[2] / "recipes" / "ppo.yaml"
+    ppo = recipe_from_dict(yaml.safe_load(ppo_path.read_text()), [], source="ppo.yaml")
+    shared = [s.name for s in ppo.stages if s.kind != "ppo" and s.name != "eval_ppo"]
+    assert shared == [s.name for s in default.stages][:len(shared)] and len(shared) >= 7
+    for name in shared:
+        assert ppo.stage(name).model_dump() == default.stage(name).model_dump(), name
