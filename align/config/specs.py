@@ -74,7 +74,9 @@ class ModelSpec(Strict):
         "previous round); a list means the first that exists",
     )
     tokenizer: str | None = Field(
-        None, description="tokenizer path or hub id (default: the model's; 'builtin:bytes' for the built-in)"
+        None, description="tokenizer path or hub id (default: the model's; for builtin:tiny 'builtin:bytes', "
+        "256 byte ids, or 'builtin:world', a 512-id byte-level BPE learned from the built-in world: 2.5x fewer "
+        "tokens for the same text)"
     )
     gguf_file: str | None = Field(
         None, description="a GGUF file in 'path' (e.g. SmolLM2-135M-Instruct.Q4_1.gguf): converted once to a "
@@ -96,8 +98,8 @@ class ModelSpec(Strict):
             raise ValueError("give 'path' or 'from'")
         if self.gguf_file is not None and (self.path is None or self.path.startswith("builtin:")):
             raise ValueError("gguf_file needs 'path': the folder that holds the file")
-        if self.path == "builtin:tiny" and self.tokenizer not in (None, "builtin:bytes"):
-            raise ValueError("path builtin:tiny goes with the built-in tokenizer (builtin:bytes)")
+        if self.path == "builtin:tiny" and self.tokenizer not in (None, "builtin:bytes", "builtin:world"):
+            raise ValueError("path builtin:tiny goes with a built-in tokenizer (builtin:bytes or builtin:world)")
         if self.path is not None and refs and not _only_previous_round(refs):
             raise ValueError("give exactly one of 'path' and 'from' (a path may only back up 'prev.' references)")
         if _only_previous_round(refs) and self.path is None:

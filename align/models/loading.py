@@ -17,6 +17,7 @@ from align.models.gguf import hf_folder
 
 BUILTIN_MODEL = "builtin:tiny"
 BUILTIN_TOKENIZER = "builtin:bytes"
+WORLD_TOKENIZER = "builtin:world"  # byte-level BPE learned from the built-in world (align.data.world_tokenizer)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -25,6 +26,9 @@ def load_tokenizer(spec: ModelSpec, model_path: str):
     source = spec.tokenizer or hf_folder(spec, model_path)
     if source in (BUILTIN_MODEL, BUILTIN_TOKENIZER):
         return build_byte_tokenizer()
+    if source == WORLD_TOKENIZER:
+        from align.data.world_tokenizer import build_world_tokenizer
+        return build_world_tokenizer()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source)
