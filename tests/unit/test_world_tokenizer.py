@@ -77,3 +77,18 @@ def test_builtin_tiny_takes_either_builtin_tokenizer_and_nothing_else():
     assert ModelSpec(path="builtin:tiny", tokenizer="builtin:bytes").tokenizer == "builtin:bytes"
     with pytest.raises(ValueError, match="builtin:bytes or builtin:world"):
         ModelSpec(path="builtin:tiny", tokenizer="/models/other")
+
+
+def test_a_stage_spec_naming_it_gets_it_and_a_model_of_its_size(tmp_path):
+    from align.models.loading import load_causal_lm, load_tokenizer
+
+    spec = ModelSpec(path="builtin:tiny", tokenizer="builtin:world")
+    tok = load_tokenizer(spec, "builtin:tiny")
+    assert len(tok) == 512 and tok.tokenize(" answer") == ["Ġanswer"]
+    model = load_causal_lm(spec, "builtin:tiny", tok)
+    assert model.get_input_embeddings().weight.shape[0] == 512
+    tok.save_pretrained(tmp_path)  # a checkpoint's tokenizer reloads as the same one
+    from transformers import AutoTokenizer
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "What is 4 minus 1? The answer is 3."
+    assert again(text)["input_ids"] == tok(text)["input_ids"]
