@@ -52,7 +52,7 @@ def test_loss_mask_covers_exactly_the_answers_and_their_termination(tok):
             {"role": "assistant", "content": "THE ANSWER IS HAT."}]
     out = tokenize_chat(tok, chat)
     runs, current = [], []
-    for i, on in zip(out.input_ids, out.loss_mask):
+    for i, on in zip(out.input_ids, out.loss_mask, strict=True):
         if on:
             current.append(i)
         elif current:
