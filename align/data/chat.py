@@ -54,13 +54,20 @@ def build_byte_tokenizer(model_max_length: int = 4096):
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes, in a fixed order
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
+    return llama3_chat_tokenizer(core, model_max_length)
+
+
+def llama3_chat_tokenizer(core, model_max_length: int = 4096):
+    """A ``tokenizers.Tokenizer`` as an HF fast tokenizer with the Llama 3 special tokens and chat template
+    (the built-in tokenizers: ``builtin:bytes`` above, ``builtin:world`` in ``align.data.world_tokenizer``)."""
+    from transformers import PreTrainedTokenizerFast
+
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token=BOS,

@@ -51,17 +51,10 @@ def _trained(vocab_size: int) -> str:
 def build_world_tokenizer(vocab_size: int = WORLD_VOCAB_SIZE, model_max_length: int = 4096):
     """The ``builtin:world`` tokenizer: byte-level BPE of ``vocab_size`` ids with the Llama 3 chat format."""
     from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
 
-    from align.data.chat import BOS, END_HEADER, EOS, EOT, LLAMA3_CHAT_TEMPLATE, PAD, START_HEADER
+    from align.data.chat import LLAMA3_SPECIAL_TOKENS, llama3_chat_tokenizer
 
-    if vocab_size < 256 + 6:
-        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes + 6 special tokens")
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained(vocab_size)),
-        bos_token=BOS, eos_token=EOT, pad_token=PAD,
-        additional_special_tokens=[START_HEADER, END_HEADER, EOS],
-        model_max_length=model_max_length,
-    )
-    tok.chat_template = LLAMA3_CHAT_TEMPLATE
-    return tok
+    if vocab_size < 256 + len(LLAMA3_SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} is below the 256 bytes + {len(LLAMA3_SPECIAL_TOKENS)} "
+                         "special tokens")
+    return llama3_chat_tokenizer(Tokenizer.from_str(_trained(vocab_size)), model_max_length)
