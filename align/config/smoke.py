@@ -24,6 +24,11 @@ def shrink(recipe: dict) -> dict:
             data = s.get("data") or {}
             if data.get("builtin"):
                 s["data"] = {**data, "builtin_size": 300 if kind == "sft" else 120}
+            if kind == "sft" and data.get("builtin") and model.get("tokenizer") == "builtin:world":
+                # whole-word tokens: after 300 chats the policy writes answers that never end and the gold
+                # judge has nothing to rank into DPO pairs; 1,200 chats a row a step teach it to end them
+                s["data"]["builtin_size"] = 1200
+                s["train"]["batch_size"] = 1
         elif kind == "rejection_sampling":
             s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32}, min_pair_gap=0.0)
             s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
