@@ -4,7 +4,8 @@ measured dense matmul peak.
 1. ``peak``: the best of a few square matmuls (fp32 on a CPU with the threads the process has, bf16 on a
    GPU), in GFLOP/s: the reference point, measured, not taken from a datasheet.
 2. Each stage, run through align (``run_stage`` on the built-in data, a short run), at two sizes: the
-   benches' model (h256, 4 layers, 32k vocabulary) and the default round's (h128, 4 layers, byte vocabulary):
+   benches' model (h256, 4 layers, 32k vocabulary) and the default round's (h128, 4 layers, its 512-id
+   ``builtin:world`` tokenizer):
    - SFT, reward model, DPO: the median training tokens/s of the steps after the first two, times
      ``6 N`` (forward + backward);
    - rejection sampling: generated tokens/s (prefill not counted), times ``2 N``;
@@ -42,7 +43,8 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 from bench.common import emit_json, pick_device, save_tiny_llama  # noqa: E402
 
-SIZES = {"bench": {"hidden": 256, "layers": 4, "vocab": 32000}, "round": {"hidden": 128, "layers": 4, "vocab": 0}}
+SIZES = {"bench": {"hidden": 256, "layers": 4, "vocab": 32000}, "round": {"hidden": 128, "layers": 4, "vocab": 0,
+                                                                                     "tokenizer": "world"}}
 
 
 def peak_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:
