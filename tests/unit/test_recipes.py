@@ -91,12 +91,15 @@ def test_validation_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_ppo_recipe_shares_the_default_rounds_stages_exactly():
-    """README: a finished default round's stages are reused by recipes/ppo.yaml (same fingerprints)."""
+@pytest.mark.parametrize("name", ["ppo", "dpo_vs_ppo"])
+def test_ppo_recipes_share_the_default_rounds_stages_exactly(name):
+    """README: recipes/ppo.yaml and recipes/dpo_vs_ppo.yaml start from the default round's RS-SFT policy and
+    reward models; a finished default round's stages are reused by them (same settings, same fingerprints)."""
     default = recipe_from_dict(base(), [], source="llama3_round.yaml")
-    ppo_path = Path(__file__).resolve().parents[2] / "recipes" / "ppo.yaml"
-    ppo = recipe_from_dict(yaml.safe_load(ppo_path.read_text()), [], source="ppo.yaml")
-    shared = [s.name for s in ppo.stages if s.kind != "ppo" and s.name != "eval_ppo"]
-    assert shared == [s.name for s in default.stages][:len(shared)] and len(shared) >= 7
-    for name in shared:
-        assert ppo.stage(name).model_dump() == default.stage(name).model_dump(), name
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
+    recipe = recipe_from_dict(yaml.safe_load(path.read_text()), [], source=f"{name}.yaml")
+    names = [s.name for s in default.stages]
+    shared = [s.name for s in recipe.stages if s.name in names]
+    assert shared == sorted(shared, key=names.index) and {"sft", "rm_helpful", "rm_safety", "rs", "sft_rs"} <= set(shared)
+    for stage in shared:
+        assert recipe.stage(stage).model_dump() == default.stage(stage).model_dump(), stage
