@@ -13,6 +13,8 @@ from eval.world import SOURCE, _sft_response, respond, sample_task, sft_records
 # whose first user message states one to three instructions.
 LONG_DIALOGUE_RATE = 0.15
 USER_INSTRUCTION_RATE = 0.15
+# Share of those combinations stated as a system turn instead (real system prompts combine constraints too)
+SYSTEM_COMBINATION_SHARE = 0.5
 
 
 def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
@@ -39,10 +41,11 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
             records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "shape": "long"}))
         elif r < LONG_DIALOGUE_RATE + USER_INSTRUCTION_RATE:
             combo = rng.choice(combos)
-            msgs = []
+            in_system = rng.random() < SYSTEM_COMBINATION_SHARE
+            msgs = [Message(role="system", content=combination_text(combo))] if in_system else []
             for t in range(2 if rng.random() < 0.15 else 1):
                 task = sample_task(rng, "train", "helpfulness")
-                said = f"{combination_text(combo)} {task.prompt}" if t == 0 else task.prompt
+                said = f"{combination_text(combo)} {task.prompt}" if t == 0 and not in_system else task.prompt
                 msgs += [Message(role="user", content=said),
                          Message(role="assistant", content=follow_all(combo, task))]
             records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "shape": "user_instruction"}))
