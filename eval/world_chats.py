@@ -10,7 +10,7 @@ from eval.world import SOURCE, _sft_response, respond, sample_task, sft_records
 
 # World chats shaped more like real chat data (``chat_records``): mostly the short chats of ``sft_records``,
 # plus long dialogues without a standing instruction (real long chats rarely carry one) and short chats
-# whose first user message states one to three instructions.
+# that state one to three instructions (in a system turn or the first user message).
 LONG_DIALOGUE_RATE = 0.15
 USER_INSTRUCTION_RATE = 0.15
 # Share of those combinations stated as a system turn instead (real system prompts combine constraints too)
@@ -20,8 +20,8 @@ SYSTEM_COMBINATION_SHARE = 0.5
 def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     """SFT chats of the world closer to real chat data than ``sft_records``: 70% its 1-2 turn chats (30% with
     a system instruction), 15% dialogues of 3-8 turns with no instruction (the usual mistakes included),
-    15% 1-2 turn chats whose first user message starts with a combination of instructions that training
-    may use (the multi-turn evaluation's combinations are held out), followed by the answers. A model
+    15% 1-2 turn chats that state a combination of instructions training may use, half in a system turn and
+    half at the start of the first user message (the multi-turn evaluation's combinations are held out), followed by the answers. A model
     trained on it handles long dialogues and follows instructions near them, but has never had to keep an
     instruction over many turns: the setting Ghost Attention is for."""
     from eval.instruction_retention import combination_text, follow_all, split_combinations
@@ -48,7 +48,7 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
                 said = f"{combination_text(combo)} {task.prompt}" if t == 0 and not in_system else task.prompt
                 msgs += [Message(role="user", content=said),
                          Message(role="assistant", content=follow_all(combo, task))]
-            records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "shape": "user_instruction"}))
+            records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "shape": "instruction"}))
         else:
             records.append(next(short).model_copy(update={"meta": {"index": i, "shape": "short"}}))
     return records

@@ -155,7 +155,7 @@ def test_world_instructions_never_use_the_combinations_the_evaluation_holds_out(
     assert not held_out & {p.instruction for p in plans}
 
 
-def test_world_chat_data_is_mostly_short_with_long_dialogues_and_user_instructions():
+def test_world_chat_data_is_mostly_short_with_long_dialogues_and_instruction_combinations():
     from collections import Counter
 
     from eval.instruction_retention import combination_split, instruction_combinations
@@ -164,7 +164,7 @@ def test_world_chat_data_is_mostly_short_with_long_dialogues_and_user_instructio
     from rewards.world import find_instructions
 
     records = chat_records(1000, seed=3)
-    shapes = Counter(r.meta["shape"] for r in records)
+    shapes, placements = Counter(r.meta["shape"] for r in records), Counter()
     assert 0.65 < shapes["short"] / 1000 < 0.75 and 0.1 < shapes["long"] / 1000 < 0.2
     held_out = {tuple(sorted((i.kind, i.arg) for i in c)) for c in instruction_combinations()
                 if combination_split(c) == "eval"}
@@ -173,10 +173,15 @@ def test_world_chat_data_is_mostly_short_with_long_dialogues_and_user_instructio
         if r.meta["shape"] == "long":
             assert 3 <= len(users) <= 8 and r.messages[0].role == "user"
             assert not any(find_instructions(m.content) for m in r.messages)
-        elif r.meta["shape"] == "user_instruction":
-            stated = find_instructions(users[0].content)
+        elif r.meta["shape"] == "instruction":  # in a system turn or at the start of the first user message
+            where = r.messages[0] if r.messages[0].role == "system" else users[0]
+            placements[where.role] += 1
+            stated = find_instructions(where.content)
             assert stated and tuple(sorted((i.kind, i.arg) for i in stated)) not in held_out
+            unstated = users if where.role == "system" else users[1:]
+            assert not any(find_instructions(m.content) for m in unstated)
             for k, m in enumerate(r.messages):
                 if m.role == "assistant":  # every answer follows the instructions and is right
                     j = judge(r.messages[:k], m.content)
                     assert j.instruction_ok and j.kind == "correct", (r.messages[:k], m.content)
+    assert placements["system"] > 50 and placements["user"] > 50, placements  # about half each of ~150
