@@ -92,3 +92,15 @@ def test_a_stage_spec_naming_it_gets_it_and_a_model_of_its_size(tmp_path):
     again = AutoTokenizer.from_pretrained(tmp_path)
     text = "What is 4 minus 1? The answer is 3."
     assert again(text)["input_ids"] == tok(text)["input_ids"]
+
+
+def test_the_benches_save_the_tokenizer_they_are_asked_for(tmp_path):
+    """bench/roofline.py's round size saves its tiny model with the default round's tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from bench.common import save_tiny_llama
+
+    for name, size in (("bytes", 262), ("world", WORLD_VOCAB_SIZE)):
+        folder, _ = save_tiny_llama(tmp_path / name, 32, 1, tokenizer=name, intermediate=64)
+        assert len(AutoTokenizer.from_pretrained(folder)) == size
+        assert AutoConfig.from_pretrained(folder).vocab_size == size
