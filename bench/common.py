@@ -250,18 +250,17 @@ def tiny_llama(hidden: int, layers: int, vocab: int, *, intermediate: int | None
 
 
 def save_tiny_llama(out_dir: str | Path, hidden: int, layers: int, vocab: int = 0, seed: int = 0,
-                    tokenizer: str = "bytes", **kwargs) -> tuple[Path, str]:
-    """Save a tiny Llama + one of align's local tokenizers (``bytes``: builtin:bytes; ``world``: the
-    default round's builtin:world) as one HF folder both sides load.
+                    tokenizer: str = "builtin:bytes", **kwargs) -> tuple[Path, str]:
+    """Save a tiny Llama + one of align's local tokenizers (``builtin:bytes``, or ``builtin:world``, the
+    default round's) as one HF folder both sides load.
 
     ``vocab`` larger than the tokenizer's ids gives the model a realistic vocabulary (embedding and
     LM head of that size; the extra ids are never produced by the tokenizer, like the unused tail of a
     real vocabulary). Returns (folder, a short description of the model).
     """
-    from align.data.chat import build_byte_tokenizer
-    from align.data.world_tokenizer import build_world_tokenizer
+    from align.data.chat import build_builtin_tokenizer
 
-    tokenizer = {"bytes": build_byte_tokenizer, "world": build_world_tokenizer}[tokenizer]()
+    tokenizer = build_builtin_tokenizer(tokenizer)
     vocab = max(vocab, len(tokenizer))
     model = tiny_llama(hidden, layers, vocab, seed=seed, **kwargs)
     out = Path(out_dir)

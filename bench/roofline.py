@@ -43,8 +43,8 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
 
 from bench.common import emit_json, pick_device, save_tiny_llama  # noqa: E402
 
-SIZES = {"bench": {"hidden": 256, "layers": 4, "vocab": 32000}, "round": {"hidden": 128, "layers": 4, "vocab": 0,
-                                                                                     "tokenizer": "world"}}
+SIZES = {"bench": {"hidden": 256, "layers": 4, "vocab": 32000},
+         "round": {"hidden": 128, "layers": 4, "vocab": 0, "tokenizer": "builtin:world"}}
 
 
 def peak_gflops(device: str, size: int = 2048, repeats: int = 10) -> float:

@@ -12,7 +12,7 @@ from eval.world import SOURCE, _sft_response, respond, sample_task, sft_records
 # plus long dialogues without a standing instruction (real long chats rarely carry one) and short chats
 # that state one to three instructions (in a system turn or the first user message).
 LONG_DIALOGUE_RATE = 0.15
-USER_INSTRUCTION_RATE = 0.15
+INSTRUCTION_RATE = 0.15
 # Share of those combinations stated as a system turn instead (real system prompts combine constraints too)
 SYSTEM_COMBINATION_SHARE = 0.5
 
@@ -20,8 +20,9 @@ SYSTEM_COMBINATION_SHARE = 0.5
 def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     """SFT chats of the world closer to real chat data than ``sft_records``: 70% its 1-2 turn chats (30% with
     a system instruction), 15% dialogues of 3-8 turns with no instruction (the usual mistakes included),
-    15% 1-2 turn chats that state a combination of instructions training may use, half in a system turn and
-    half at the start of the first user message (the multi-turn evaluation's combinations are held out), followed by the answers. A model
+    15% 1-2 turn chats that state a combination of instructions training may use (the multi-turn
+    evaluation's combinations are held out), half in a system turn and half at the start of the first user
+    message, followed by the answers. A model
     trained on it handles long dialogues and follows instructions near them, but has never had to keep an
     instruction over many turns: the setting Ghost Attention is for."""
     from eval.instruction_retention import combination_text, follow_all, split_combinations
@@ -39,7 +40,7 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
                 msgs += [Message(role="user", content=task.prompt),
                          Message(role="assistant", content=_sft_response(task, rng, None)[1])]
             records.append(SFTRecord(messages=msgs, source=SOURCE, meta={"index": i, "shape": "long"}))
-        elif r < LONG_DIALOGUE_RATE + USER_INSTRUCTION_RATE:
+        elif r < LONG_DIALOGUE_RATE + INSTRUCTION_RATE:
             combo = rng.choice(combos)
             in_system = rng.random() < SYSTEM_COMBINATION_SHARE
             msgs = [Message(role="system", content=combination_text(combo))] if in_system else []

@@ -63,6 +63,18 @@ def build_byte_tokenizer(model_max_length: int = 4096):
     return llama3_chat_tokenizer(core, model_max_length)
 
 
+def build_builtin_tokenizer(name: str = "builtin:bytes"):
+    """A built-in tokenizer by its recipe name: ``builtin:bytes`` (above) or ``builtin:world``
+    (:mod:`align.data.world_tokenizer`), both made locally."""
+    if name == "builtin:bytes":
+        return build_byte_tokenizer()
+    if name == "builtin:world":
+        from align.data.world_tokenizer import build_world_tokenizer
+
+        return build_world_tokenizer()
+    raise ValueError(f"no built-in tokenizer {name!r} (builtin:bytes or builtin:world)")
+
+
 def llama3_chat_tokenizer(core, model_max_length: int = 4096):
     """A ``tokenizers.Tokenizer`` as an HF fast tokenizer with the Llama 3 special tokens and chat template
     (the built-in tokenizers: ``builtin:bytes`` above, ``builtin:world`` in ``align.data.world_tokenizer``)."""

@@ -100,7 +100,7 @@ def test_the_benches_save_the_tokenizer_they_are_asked_for(tmp_path):
 
     from bench.common import save_tiny_llama
 
-    for name, size in (("bytes", 262), ("world", WORLD_VOCAB_SIZE)):
-        folder, _ = save_tiny_llama(tmp_path / name, 32, 1, tokenizer=name, intermediate=64)
+    for name, size in (("builtin:bytes", 262), ("builtin:world", WORLD_VOCAB_SIZE)):
+        folder, _ = save_tiny_llama(tmp_path / name.replace(":", "_"), 32, 1, tokenizer=name, intermediate=64)
         assert len(AutoTokenizer.from_pretrained(folder)) == size
         assert AutoConfig.from_pretrained(folder).vocab_size == size
