@@ -57,8 +57,10 @@ MARKED_TEMPLATE = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=24,
-                   help="optimizer steps on each side (the first is warm-up; fewer make the ratio noisy)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="optimizer steps on each side (the first is warm-up); 0: one epoch over the chats, so "
+                   "both sides train on the same examples (with packing each side draws its own rows, and which "
+                   "rows a short run draws moves examples per step by +-6%%)")
     p.add_argument("--batch-size", type=int, default=4,
                    help="examples per step without packing; with packing, packed rows of max-length per step")
     p.add_argument("--max-length", type=int, default=256, help="truncate / pack to this many tokens")
@@ -99,7 +101,7 @@ def prepare_data(args, path: Path) -> dict:
     from data_schemas import read_jsonl
 
     per_step = args.batch_size * (max(1, args.max_length // 40) if args.packing else 1)
-    n = args.examples or max(256, 2 * args.steps * per_step)
+    n = args.examples or max(256, 2 * (args.steps or 24) * per_step)
     if args.data == "shared":
         records = list(read_jsonl(SHARED_SFT, "sft"))[: args.examples or None]
     else:
@@ -166,7 +168,7 @@ def describe(args, stats: dict, model_desc: str) -> None:
           f"within max_length), {stats['mean_tokens']:.0f} tokens on average, "
           f"{100 * stats['scored_fraction']:.0f}% of them scored (assistant), "
           f"{stats['assistant_turns_per_record']:.2f} assistant turns per chat")
-    print(f"work: {args.steps} steps, batch {args.batch_size}, max_length {args.max_length}, {layout}; "
+    print(f"work: {args.steps or 'one epoch of'} steps, batch {args.batch_size}, max_length {args.max_length}, {layout}; "
           f"AdamW lr {args.lr} constant, fp32, loss on assistant tokens only")
     print("timed: the training loop from the end of step 1 to the end of the last step (step 1 is warm-up); "
           "ours: align.train.loop.train with its collation; TRL: trainer.train() with its dataloader; "
@@ -209,8 +211,11 @@ def result_line(args, ours: dict, peer: dict, model_desc: str) -> dict:
         "peer_train_delta_mb": round(peer["delta_mb"], 1),
         "ours_final_loss": rounded(ours["final_loss"]),
         "peer_final_loss": rounded(peer["final_loss"]),
-        "steps": args.steps,
+        "steps": args.steps or "one epoch",
         "timed_steps": ours["steps"] - 1,
+        "peer_timed_steps": peer["steps"] - 1,
+        "ours_tokens_per_s": rounded(ours["tokens_per_s"]),
+        "peer_tokens_per_s": rounded(peer["tokens_per_s"]),
         "ours_examples_per_step": rounded(ours["examples"] / ours["steps"]),
         "peer_examples_per_step": rounded(peer["examples"] / peer["steps"]),
         "model": model_desc,
@@ -232,7 +237,8 @@ def ours_recipe(args, work: Path) -> dict:
             "model": {"path": init, "tokenizer": init},
             "data": {"paths": [str(work / "data.jsonl")]},
             "train": {
-                "max_steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                "max_steps": args.steps or None, "epochs": 1, "batch_size": args.batch_size,
+                "max_length": args.max_length,
                 "save_every": 0, "log_every": 1, "report_to": [],
                 "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0,
                           "betas": [0.9, 0.95], "max_grad_norm": 1.0},
@@ -343,7 +349,7 @@ def run_peer(args, work: Path) -> dict:
     dataset = load_dataset("json", data_files=str(work / "data_peer.jsonl"), split="train",
                            cache_dir=str(work / "hf_cache"))
     config = SFTConfig(
-        output_dir=str(work / f"trl_out_{args.run}"), seed=args.seed, max_steps=args.steps,
+        output_dir=str(work / f"trl_out_{args.run}"), seed=args.seed, max_steps=args.steps or -1, num_train_epochs=1,
         per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         adam_beta1=0.9, adam_beta2=0.95, adam_epsilon=1e-8, max_grad_norm=1.0, optim="adamw_torch",

@@ -2,8 +2,8 @@
 
 The LM head (hidden -> vocabulary) is the most expensive matmul of a small-to-mid model's step and
 its output the largest activation. Training objectives need the log-prob of the next token only at
-response positions, so :class:`TokenLogps` runs the decoder over the whole sequence but the head over
-the selected positions only (TRL's trainers run it over every position, prompt and padding included).
+response positions, so :class:`TokenLogps` runs the decoder over the whole sequence (its last layer at
+the selected positions only: :mod:`align.models.last_layer`) but the head over the selected positions only (TRL's trainers run it over every position, prompt and padding included).
 
 It is an ``nn.Module`` so that DDP/FSDP wrap it and its forward is the one that runs under them.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
+
+from align.models.last_layer import hidden_at
 
 
 def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -59,14 +61,14 @@ class TokenLogps(nn.Module):
     index: (N,) flat positions into B*T whose *next* token is scored; targets: (N,) those next tokens.
     """
 
+    prune_last_layer = True  # the last decoder layer at the scored positions only (align.models.last_layer)
+
     def __init__(self, lm: nn.Module):
         super().__init__()
         self.lm = lm
 
     def forward(self, input_ids, position_ids, attention_mask, index, targets):
         decoder, head = decoder_and_head(self.lm)
-        hidden = decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, H)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)  # (N, H)
+        selected = hidden_at(decoder, index, prune=self.prune_last_layer, input_ids=input_ids,
+                             position_ids=position_ids, attention_mask=attention_mask)  # (N, H)
         return selected_token_logps(head(selected), targets)

@@ -20,6 +20,7 @@ from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import PAD
 from align.models.gguf import hf_folder
+from align.models.last_layer import hidden_at
 from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer, lora_config
 
 
@@ -114,14 +115,14 @@ class PackedRewards(nn.Module):
     positions into B*T).
     """
 
+    prune_last_layer = True  # the last decoder layer at the last tokens only (align.models.last_layer)
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, input_ids, position_ids, attention_mask, last_index):
         decoder, head = backbone_and_head(self.model)
-        hidden = decoder(
-            input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state  # (B, T, H)
-        selected = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last_index)  # (R, H)
+        selected = hidden_at(decoder, last_index, prune=self.prune_last_layer, input_ids=input_ids,
+                             position_ids=position_ids, attention_mask=attention_mask)  # (R, H)
         return head(selected).squeeze(-1).float()  # (R,)
