@@ -55,10 +55,10 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     return records
 
 
-def dialogue_records(n: int, seed: int = 0, turns: tuple[int, int] = (8, 8)) -> list[SFTRecord]:
-    """Multi-turn chats of training tasks (``turns`` user turns, uniformly; 8 by default: the gatt stage
-    draws each dialogue's length itself), gold answers, no instruction: the user turns Ghost Attention
-    builds its dialogues from (it replaces the answers)."""
+def dialogue_records(n: int, seed: int = 0, turns: tuple[int, int] = (12, 12)) -> list[SFTRecord]:
+    """Multi-turn chats of training tasks (``turns`` user turns, uniformly; 12 by default, longer than the
+    multi-turn evaluation's 8: the gatt stage draws each dialogue's length itself), gold answers, no
+    instruction: the user turns Ghost Attention builds its dialogues from (it replaces the answers)."""
     rng = random.Random(f"world-dialogues:{seed}")
     records = []
     for i in range(n):

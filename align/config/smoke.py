@@ -43,4 +43,6 @@ def shrink(recipe: dict) -> dict:
             s["train"] = {**train, "snapshot_every": 2 if train.get("snapshot_every") else 0}
         elif kind == "evaluate":
             s["prompts"] = {"builtin": "world_eval", "builtin_size": 24}
+            if s.get("retention"):
+                s["retention"] = {**s["retention"], "dialogues": min(s["retention"].get("dialogues", 16), 16)}
     return recipe

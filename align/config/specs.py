@@ -122,7 +122,10 @@ class DataSpec(Strict):
     accumulate: bool = Field(
         False, description="also read the outputs of the same stages in every earlier round"
     )
-    builtin: str | None = Field(None, description="a built-in data set, e.g. 'chat' (generated, no download)")
+    builtin: str | None = Field(
+        None, description="a built-in data set, e.g. 'chat' (generated, no download); with 'paths' or 'from' "
+        "too, its records come first, then theirs (e.g. replaying the SFT chats beside an earlier stage's data)",
+    )
     builtin_size: int = Field(512, gt=0, description="records to generate for a built-in set")
     limit: int | None = Field(None, gt=0, description="read at most this many records (the first ones)")
     sample: int | None = Field(
@@ -148,11 +151,9 @@ class DataSpec(Strict):
     @model_validator(mode="after")
     def _one_source(self):
         refs = as_refs(self.from_stage)
-        if self.builtin is not None and (self.paths or refs):
-            raise ValueError("'builtin' cannot be combined with 'paths' or 'from'")
         if self.builtin is None and not self.paths and not refs:
             raise ValueError("give 'paths', 'from' or 'builtin'")
-        if _only_previous_round(refs) and not self.paths:
+        if _only_previous_round(refs) and not self.paths and self.builtin is None:
             raise ValueError(
                 "'from' names only previous-round stages, which round 1 does not have: add 'paths' or a "
                 "same-round stage"

@@ -4,7 +4,7 @@
 a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
 
 ``world``, ``world_chat`` (more like real chat data: some long dialogues, instruction combinations in a
-system or user turn) and ``world_dialogues`` (8 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
+system or user turn) and ``world_dialogues`` (12 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
 / ``world_safety`` / ``world`` (preference) and ``world`` / ``world_eval`` (prompts): the built-in world
 with gold judges, see :mod:`eval.world`.
 """

@@ -31,7 +31,7 @@ from align.config.specs import DataSpec
 from align.data.builtin import BUILTIN_PREFERENCE
 from align.data.chat import ChatFormatError, assistant_char_spans
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import builtin_records, read_records, split_by_prompt, subset
+from align.data.sources import gather, split_by_prompt, subset
 from data_schemas import PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
@@ -68,11 +68,7 @@ class PreferenceData:
 def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
     """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or a built-in set
     (``chat``, or the world's ``world``, ``world_helpful``, ``world_safety``)."""
-    if spec.builtin is not None:
-        records = builtin_records(BUILTIN_PREFERENCE, spec, seed, "preference")
-    else:
-        records = read_records(list(paths), "preference", spec.skip_bad_rows)
-    records = subset(records, spec, seed)
+    records = subset(gather(BUILTIN_PREFERENCE, spec, paths, "preference", seed, "preference"), spec, seed)
     return split_by_prompt(records, spec.eval_fraction, seed)
 
 

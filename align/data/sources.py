@@ -21,11 +21,18 @@ def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
     return records
 
 
+def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: int, what: str) -> list:
+    """The built-in set's records (if ``spec.builtin``), then those of the files (``paths``)."""
+    records = builtin_records(table, spec, seed, what) if spec.builtin is not None else []
+    if paths or spec.builtin is None:
+        records += read_records(list(paths), kind, spec.skip_bad_rows)
+    return records
+
+
 def describe_sources(spec: DataSpec, paths: Sequence[str]) -> str:
-    """Where a stage's records came from, for messages: the files read, or the built-in set."""
-    if spec.builtin is not None:
-        return f"the built-in set '{spec.builtin}'"
-    return ", ".join(paths) or "no file"
+    """Where a stage's records came from, for messages: the built-in set and the files read."""
+    parts = [f"the built-in set '{spec.builtin}'"] if spec.builtin is not None else []
+    return ", ".join(parts + list(paths)) or "no file"
 
 
 def builtin_records(table: dict, spec: DataSpec, seed: int, what: str) -> list:
@@ -37,11 +44,7 @@ def builtin_records(table: dict, spec: DataSpec, seed: int, what: str) -> list:
 
 def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | None = None):
     """-> (train, eval) lists of SFTRecord."""
-    if spec.builtin is not None:
-        records = builtin_records(BUILTIN_SFT, spec, seed, "SFT")
-    else:
-        records = read_records(paths, "sft", spec.skip_bad_rows)
-    records = subset(records, spec, seed)
+    records = subset(gather(BUILTIN_SFT, spec, paths, "sft", seed, "SFT"), spec, seed)
     if system_prompt:
         records = [_with_system(r, system_prompt) for r in records]
     return split_by_prompt(records, spec.eval_fraction, seed)
@@ -85,8 +88,4 @@ def split_by_prompt(records: Sequence, eval_fraction: float, seed: int) -> tuple
 
 def load_prompts(spec: DataSpec, paths: list[str], seed: int):
     """-> list of PromptRecord from a built-in pool or files (any of our record kinds)."""
-    if spec.builtin is not None:
-        records = builtin_records(BUILTIN_PROMPTS, spec, seed, "prompt")
-    else:
-        records = read_records(paths, "prompt", spec.skip_bad_rows)
-    return subset(records, spec, seed)
+    return subset(gather(BUILTIN_PROMPTS, spec, paths, "prompt", seed, "prompt"), spec, seed)

@@ -14,7 +14,7 @@ from align.config.smoke import TINY, shrink
 RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem in ("llama3_round", "dpo_vs_ppo", "ppo", "dpo", "llama2_rlhf_v1_v5")],
+@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem in ("llama3_round", "dpo_vs_ppo", "ppo", "dpo", "llama2_rlhf_v1_v5", "gatt")],
                          ids=lambda p: p.stem)
 def test_shrunk_recipes_validate_with_the_same_stages(path):
     data = yaml.safe_load(path.read_text())
@@ -25,6 +25,7 @@ def test_shrunk_recipes_validate_with_the_same_stages(path):
     for stage in recipe.stages:
         if stage.kind == "evaluate":
             assert stage.prompts.builtin_size == 24
+            assert stage.retention is None or stage.retention.dialogues <= 16
         if stage.kind == "ppo":
             assert stage.iterations == 4
         if stage.kind == "dpo":
