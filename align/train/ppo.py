@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.ppo import PPOStage
@@ -36,7 +35,10 @@ from align.generation.training_policy import TrainingPolicySampler
 from align.losses.kl import kl_k3
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
 from align.models.inference import causal_only, no_grad_map
+from align.models.last_layer import hidden_at
 from align.models.loading import count_parameters, load_causal_lm, save_checkpoint
+from align.models.logps import decoder_and_head
+from align.models.policy_value import PolicyAndValue, response_logps
 from align.models.reward import backbone_and_head, load_reward_model, load_reward_tokenizer
 from align.models.reward_fn import build_reward, score_and_count
 from align.rl.advantages import gae, kl_penalized_rewards, masked_mean, masked_whiten
@@ -53,47 +55,17 @@ from align.train.snapshots import snapshot_saver
 from eval.world_eval import is_world_prompts
 
 
-class PolicyAndValue(nn.Module):
-    """``forward(input_ids, attention_mask) -> (logits (B, T, V), values (B, T))`` aligned with the tokens:
-    position t holds what predicts token t (the logits and the value of the state before it); position 0,
-    which nothing predicts, is 0."""
-
-    def __init__(self, policy: nn.Module, value_model: nn.Module):
-        super().__init__()
-        self.policy, self.value_model = policy, value_model
-
-    def forward(self, input_ids, attention_mask):
-        attention_mask = causal_only(attention_mask)  # right-padded rollouts: the causal kernel, no mask
-        logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        decoder, head = backbone_and_head(self.value_model)
-        hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
-        values = head(hidden).squeeze(-1).float()  # (B, T)
-        return _shift(logits.float()), _shift(values)
-
-
-def _shift(x: torch.Tensor) -> torch.Tensor:
-    """Move what position t predicts to position t+1 (the token it predicts); position 0 gets 0."""
-    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-
-
-def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(B, T) log-probs of each token under ``logits`` (B, T, V, token-aligned) divided by the temperature."""
-    if temperature > 0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
-
-
 def make_loss_fn(stage: PPOStage):
     temperature = stage.sampling.temperature
 
     def loss_fn(model, batch: Rollout):
-        logits, values = model(batch.sequences, batch.attention_mask)
-        logps = token_logps(logits, batch.sequences, temperature)
         mask = batch.response_mask
+        logits, values = model(batch.sequences, batch.attention_mask, mask)  # logits (N, V) on the mask
+        logps = response_logps(logits, batch.sequences, mask, temperature)
         pg, pg_stats = policy_loss(logps, batch.logps, batch.advantages, mask, stage.cliprange)
         vf, vf_stats = value_loss(values, batch.values, batch.returns, mask, stage.cliprange_value)
         with torch.no_grad():
-            entropy = (entropy_from_logits(logits / max(temperature, 1e-6)) * mask).sum()
+            entropy = entropy_from_logits(logits / max(temperature, 1e-6)).sum()
         stats = {"pg_loss": pg.detach(), "vf_loss": vf.detach(), "entropy": entropy, **pg_stats, **vf_stats}
         return pg + stage.vf_coef * vf, stats
 
@@ -318,14 +290,16 @@ def _rollout(model, reference, tokenizer, batch_prompts, samples, scores, eot, k
 
     def policy_and_values(m, group):
         sl, w = group
-        logits, values = m(sequences[sl, :w], attention_mask[sl, :w])
-        return padded(token_logps(logits, sequences[sl, :w], temperature)), padded(values)
+        logits, values = m(sequences[sl, :w], attention_mask[sl, :w], response_mask[sl, :w])
+        return padded(response_logps(logits, sequences[sl, :w], response_mask[sl, :w], temperature)), padded(values)
 
     def reference_logps(m, group):
         sl, w = group
-        logits = m(input_ids=sequences[sl, :w], attention_mask=causal_only(attention_mask[sl, :w]),
-                   use_cache=False).logits
-        return padded(token_logps(_shift(logits.float()), sequences[sl, :w], temperature))
+        ids, mask = sequences[sl, :w], response_mask[sl, :w]
+        rows, cols = mask.nonzero(as_tuple=True)
+        decoder, head = decoder_and_head(m)
+        hidden = hidden_at(decoder, rows * w + cols - 1, input_ids=ids, attention_mask=causal_only(attention_mask[sl, :w]))
+        return padded(response_logps(head(hidden).float(), ids, mask, temperature))
 
     with accelerator.autocast():
         pv = [out for _, out in no_grad_map(model, groups, lambda g: g, policy_and_values)]

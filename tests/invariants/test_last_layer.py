@@ -158,3 +158,32 @@ def test_eager_with_a_boolean_mask_runs_the_layer_whole():
     a = hidden_at(lm.model, index, input_ids=ids, attention_mask=mask)
     b = hidden_at(lm.model, index, prune=False, input_ids=ids, attention_mask=mask)
     assert torch.equal(a, b)
+
+
+def test_ppo_response_positions_give_the_full_passes_logps_values_and_gradients():
+    """PolicyAndValue with a response mask (heads and last layers at the response only) equals the whole
+    pass read at the response: log-probs, values and every gradient."""
+    from align.models.policy_value import PolicyAndValue, response_logps, token_logps
+
+    torch.manual_seed(0)
+    cfg = _config()
+    policy = LlamaForCausalLM(cfg)
+    cfg_v = _config()
+    cfg_v.num_labels = 1
+    model = PolicyAndValue(policy, LlamaForSequenceClassification(cfg_v))
+    ids = torch.randint(1, 61, (3, 12))
+    attn = torch.ones(3, 12, dtype=torch.bool)
+    attn[1, 9:] = False  # right padding
+    response = torch.zeros(3, 12, dtype=torch.bool)
+    response[0, 5:12] = response[1, 4:9] = response[2, 8:12] = True
+
+    def run(pruned):
+        if pruned:
+            logits, values = model(ids, attn, response)
+            logps = response_logps(logits, ids, response, 0.7)
+        else:
+            logits, values = model(ids, attn)
+            logps = token_logps(logits / 1.0, ids, 0.7)
+        return torch.stack([torch.where(response, logps, 0), torch.where(response, values, 0)])
+
+    _assert_same(_both(model, run))

@@ -8,8 +8,9 @@ import torch
 from align.config.ppo import PPOStage
 from align.config.specs import ModelSpec
 from align.models.loading import build_tiny_model
+from align.models.policy_value import PolicyAndValue, token_logps
 from align.rl.advantages import gae, kl_penalized_rewards, masked_whiten
-from align.train.ppo import PolicyAndValue, eos_penalized, make_loss_fn, token_logps
+from align.train.ppo import eos_penalized, make_loss_fn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

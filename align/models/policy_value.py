@@ -1,0 +1,67 @@
+"""The policy and the value model as one module (what PPO trains: DDP/FSDP wrap it, its forward is the one
+that runs under them), and token log-probs from its outputs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from align.models.inference import causal_only
+from align.models.last_layer import hidden_at
+from align.models.logps import decoder_and_head
+from align.models.reward import backbone_and_head
+
+
+class PolicyAndValue(nn.Module):
+    """``forward(input_ids, attention_mask) -> (logits (B, T, V), values (B, T))`` aligned with the tokens:
+    position t holds what predicts token t (the logits and the value of the state before it); position 0,
+    which nothing predicts, is 0.
+
+    ``forward(input_ids, attention_mask, response_mask)``: only what predicts the response tokens (the
+    mask's True entries, row-major): logits (N, V) in that order and values (B, T), 0 off the mask. The
+    heads run at those positions only, and so does the last decoder layer of both models
+    (:mod:`align.models.last_layer`)."""
+
+    def __init__(self, policy: nn.Module, value_model: nn.Module):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+
+    def forward(self, input_ids, attention_mask, response_mask=None):
+        attention_mask = causal_only(attention_mask)  # right-padded rollouts: the causal kernel, no mask
+        value_decoder, value_head = backbone_and_head(self.value_model)
+        if response_mask is None:
+            logits = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+            hidden = value_decoder(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).last_hidden_state
+            values = value_head(hidden).squeeze(-1).float()  # (B, T)
+            return _shift(logits.float()), _shift(values)
+        rows, cols = response_mask.nonzero(as_tuple=True)  # response tokens; position cols - 1 predicts each
+        index = rows * input_ids.shape[1] + cols - 1
+        decoder, head = decoder_and_head(self.policy)
+        logits = head(hidden_at(decoder, index, input_ids=input_ids, attention_mask=attention_mask)).float()
+        v = value_head(hidden_at(value_decoder, index, input_ids=input_ids, attention_mask=attention_mask))
+        values = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
+        return logits, values.index_put((rows, cols), v.squeeze(-1).float())
+
+
+def response_logps(logits: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   temperature: float) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens (0 elsewhere) from logits (N, V) at what predicts them (the
+    response mask's True entries, row-major), divided by the temperature."""
+    rows, cols = response_mask.nonzero(as_tuple=True)
+    if temperature > 0:
+        logits = logits / temperature
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[rows, cols, None]).squeeze(-1)
+    return torch.zeros(input_ids.shape, dtype=picked.dtype, device=picked.device).index_put((rows, cols), picked)
+
+
+def _shift(x: torch.Tensor) -> torch.Tensor:
+    """Move what position t predicts to position t+1 (the token it predicts); position 0 gets 0."""
+    return torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+
+
+def token_logps(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B, T) log-probs of each token under ``logits`` (B, T, V, token-aligned) divided by the temperature."""
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[..., None]).squeeze(-1)
