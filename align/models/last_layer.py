@@ -9,8 +9,9 @@ skips about a sixth of the step's matmul work; a reward model's last layer shrin
 
 Exact: the same operations on a subset of rows (equal to the full layer to float rounding; tested). Used
 for decoder layers of the Llama form (pre-norm attention with rotary embeddings, then a pre-norm MLP:
-Llama, Mistral, Qwen2) under SDPA or eager attention, with no KV cache and no attention dropout; any
-other layer (or a layer wrapped by FSDP) runs whole, so nothing changes there but the speed.
+Llama, Mistral, Qwen2) under SDPA or eager attention, with no KV cache, no attention dropout and no
+activation checkpointing; any other layer (or a layer wrapped by FSDP) runs whole, so nothing changes there
+but the speed.
 """
 
 from __future__ import annotations
@@ -54,8 +55,8 @@ def prunable(decoder: nn.Module) -> bool:
 
 @contextmanager
 def _last_layer_at(decoder: nn.Module, index: torch.Tensor | None):
-    if index is None or not prunable(decoder):
-        yield
+    if index is None or not prunable(decoder) or getattr(decoder.layers[-1], "gradient_checkpointing", False):
+        yield  # (a checkpointed layer recomputes its forward in the backward pass, after this call is over)
         return
     layer = decoder.layers[-1]
     full = layer.forward

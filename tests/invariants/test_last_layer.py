@@ -141,6 +141,22 @@ def test_the_pruned_path_runs_and_is_undone():
     hook.remove()
 
 
+def test_activation_checkpointing_runs_the_layer_whole():
+    """A checkpointed layer recomputes its forward during backward, after the pruned call is over: the
+    recomputation would not match, so such a layer runs whole (and backward works)."""
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(_config())
+    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lm.train()
+    seen = []
+    hook = lm.model.layers[-1].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[:-1].numel()))
+    ids, pos = _packed_inputs()
+    index = torch.tensor([1, 2, 30])
+    hidden_at(lm.model, index, input_ids=ids, position_ids=pos).square().sum().backward()
+    assert seen and set(seen) == {40}
+    hook.remove()
+
+
 def test_other_attention_kernels_run_the_layer_whole():
     lm = LlamaForCausalLM(_config())
     lm.config._attn_implementation = "flex_attention"
