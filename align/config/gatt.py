@@ -51,9 +51,10 @@ class InstructionPool(Strict):
 
 class GattStage(StageBase):
     """Ghost Attention data: for each dialogue an instruction is drawn, attached to every user turn while
-    the model answers turn by turn, then kept in the first turn only; the earlier answers get ``weight: 0``
-    (no loss) and the last one is trained on. Writes SFT records for the sft stage. Dialogues are stored
-    as they are made: a killed run keeps finished dialogues."""
+    the model answers turn by turn, then kept in the first turn only; answers not trained on get
+    ``weight: 0`` (no loss): with ``loss_on: last`` (Llama 2) every answer but the last, with ``passing`` those
+    the reward scores below ``min_score``. Writes SFT records for the sft stage. Dialogues are stored as they
+    are made: a killed run keeps finished dialogues."""
 
     kind: Literal["gatt"] = "gatt"
     produces: ClassVar = {Artifact.SFT_RECORDS: "gatt.jsonl"}
