@@ -231,21 +231,22 @@ class HFGenerator:
                 decoded = decode_shared_prefill(self.model, [ids[i] for i in chunk], k_drawn, params,
                                                 stop_ids, self.pad_id, generator)
                 # step 4
-                for row, sample in enumerate(self._samples(decoded)):
+                for row, sample in enumerate(self._samples(decoded, [ids[i] for i in chunk], k_drawn)):
                     results[chunk[row // k_drawn]].append(sample)
         finally:
             self.model.train(was_training)
         return [r * k if k_drawn == 1 and k > 1 else r for r in results]
 
-    def _samples(self, decoded: _Decoded) -> list[Sample]:
+    def _samples(self, decoded: _Decoded, prompts: list[list[int]], k: int) -> list[Sample]:
+        """The decoded rows (``k`` per prompt of ``prompts``, in order) as Samples."""
         tokens, lengths = decoded.tokens.tolist(), decoded.lengths.tolist()
         stopped, logps = decoded.stopped.tolist(), decoded.logps_sum.tolist()
         samples = []
-        for row, n, s, lp in zip(tokens, lengths, stopped, logps, strict=True):
+        for j, (row, n, s, lp) in enumerate(zip(tokens, lengths, stopped, logps, strict=True)):
             ids = row[:n]
             text = self.tokenizer.decode(ids[:-1] if s else ids, skip_special_tokens=True)
             samples.append(Sample(token_ids=ids, text=text, finish_reason="stop" if s else "length",
-                                  logps_sum=lp))
+                                  logps_sum=lp, prompt_ids=tuple(prompts[j // k])))
         return samples
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ class Sample:
     finish_reason: Literal["stop", "length"]  # stop token reached, or max_new_tokens reached
     logps_sum: float | None  # sum of log p(token) under the distribution it was drawn from (temperature
     # and top-p applied; 0.0 for greedy); None where the backend does not report it
+    prompt_ids: tuple[int, ...] = ()  # the prompt's ids as the backend rendered them (chat template, system turn)
 
 
 class Generator(Protocol):

@@ -66,7 +66,8 @@ class VLLMGenerator:
         # step 3
         outputs = self.llm.generate(requests, per_prompt, use_tqdm=False)
         # step 4
-        return [[self._to_sample(c) for c in out.outputs] for out in outputs]
+        return [[self._to_sample(c, r["prompt_token_ids"]) for c in out.outputs]
+                for r, out in zip(requests, outputs, strict=True)]
 
     def load_weights(self, weights) -> None:
         """Replace the engine's weights with ``(name, tensor)`` pairs in HF naming (a policy being trained,
@@ -77,10 +78,10 @@ class VLLMGenerator:
             raise RuntimeError("this generator was closed")
         vllm_load_weights(self.llm, weights)
 
-    def _to_sample(self, completion) -> Sample:
+    def _to_sample(self, completion, prompt: list[int]) -> Sample:
         reason = "stop" if completion.finish_reason == "stop" else "length"
         return Sample(token_ids=list(completion.token_ids), text=completion.text, finish_reason=reason,
-                      logps_sum=None)
+                      logps_sum=None, prompt_ids=tuple(prompt))
 
     def close(self) -> None:
         """Shut the engine down and free its GPU memory (before loading e.g. a reward model)."""

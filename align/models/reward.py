@@ -126,3 +126,22 @@ class PackedRewards(nn.Module):
         selected = hidden_at(decoder, last_index, prune=self.prune_last_layer, input_ids=input_ids,
                              position_ids=position_ids, attention_mask=attention_mask)  # (R, H)
         return head(selected).squeeze(-1).float()  # (R,)
+
+
+def whiten_value_head(value_model, path: str, whiten: bool) -> None:
+    """A value model that starts from a reward model predicts the RM's raw score; the reward PPO sees is
+    whitened, (r - mean) / std (``whiten``: the RM's ``reward_stats.json`` in ``path`` is applied). Scale
+    the head (and shift its bias, if it has one) so the value starts on the reward's scale: without this,
+    value errors of several reward standard deviations swamp GAE."""
+    from pathlib import Path
+
+    from rewards.whitening import RewardStats
+
+    stats = RewardStats.load(path) if Path(path).is_dir() else None
+    if stats is None or not whiten:
+        return
+    _, head = backbone_and_head(value_model)
+    with torch.no_grad():
+        head.weight.div_(stats.std)
+        if getattr(head, "bias", None) is not None:
+            head.bias.sub_(stats.mean).div_(stats.std)

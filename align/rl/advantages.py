@@ -133,3 +133,16 @@ def gae(
         next_advantage = torch.where(on, advantage, next_advantage)
     returns = torch.where(response_mask, advantages + values, 0)
     return advantages, returns
+
+
+def advantages_of(scores: torch.Tensor, logps: torch.Tensor, ref_logps: torch.Tensor, values: torch.Tensor,
+                  response_mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1", gamma: float = 1.0,
+                  lam: float = 0.95, whiten: bool = True, process_sum=None) -> tuple[torch.Tensor, ...]:
+    """A rollout's arithmetic once the models have spoken -> (rewards, kl, advantages, returns), each
+    (B, T): KL-penalised per-token rewards (:func:`kl_penalized_rewards`), GAE (:func:`gae`), advantages
+    whitened over every process's tokens (``process_sum``, see :func:`masked_whiten`) when ``whiten``."""
+    rewards, kl = kl_penalized_rewards(scores, logps, ref_logps, response_mask, kl_coef, kl_estimator)
+    advantages, returns = gae(rewards, values, response_mask, gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, response_mask, sum_over_processes=process_sum)
+    return rewards, kl, advantages, returns

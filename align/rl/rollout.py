@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)
 class Rollout:
     # what was sampled
     sequences: torch.Tensor  # (B, T) long: prompt + response token ids
@@ -27,7 +27,7 @@ class Rollout:
     ref_logps: torch.Tensor  # (B, T) the same under the reference, 0 off the response
     values: torch.Tensor  # (B, T) value-model estimates, 0 off the response
     scores: torch.Tensor  # (B,) sequence rewards (e.g. whitened RM scores)
-    # what PPO derived (filled by the stage: kl_penalized_rewards, then gae)
+    # what PPO derived (``align.rl.advantages.advantages_of``: KL-penalised rewards, then GAE)
     rewards: torch.Tensor | None = None  # (B, T) per-token rewards, 0 off the response
     advantages: torch.Tensor | None = None  # (B, T) (whitened or not: the stage's choice)
     returns: torch.Tensor | None = None  # (B, T) advantages + values before any whitening

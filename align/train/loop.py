@@ -14,10 +14,11 @@ The pieces, for any stage:
   optimizer and RNG states are loaded with ``weights_only=True`` (tensors and plain data only: nothing
   else is unpickled, and a checkpoint holding accelerate's pickled custom state is refused); a damaged
   checkpoint is found before anything is loaded and an older one is used;
-- :func:`train`: the supervised loop built from them. Its data order is a plan fixed up front from the
-  seed: ``plan[step]`` lists the micro-batches of that step for all processes (process r takes its
-  slice); resuming at step s continues at ``plan[s]``. A stage that makes its batches as it goes (PPO's
-  rollouts) calls ``optimizer_step`` and ``Checkpoints`` itself.
+- :func:`train`: the one training loop, built from them, over a batch **source**: a plan fixed up front
+  from the seed (:class:`PlanSource`: ``plan[step]`` lists the micro-batches of that step for all
+  processes, process r takes its slice; resuming at step s continues at ``plan[s]``), or a source that
+  makes its batches as it goes and keeps its own resume state (PPO's rollouts, ``align.train.ppo``).
+  Logging, progress, snapshots, checkpoints and resume are the loop's, whatever the source.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -40,8 +42,8 @@ from align.train.checkpoints import Checkpoints
 from align.train.collective import global_sum
 from align.train.metrics import MetricsLogger
 
-__all__ = ["Checkpoints", "TrainSummary", "global_sum", "make_plan", "optimizer_step", "plan_hash",
-           "progress_bar", "train"]
+__all__ = ["BatchSource", "Checkpoints", "PlanSource", "TrainSummary", "global_sum", "make_plan", "optimizer_step",
+           "plan_hash", "progress_bar", "train"]
 
 Plan = list[list[list[int]]]  # step -> micro-batch -> example indices
 
@@ -50,11 +52,43 @@ Plan = list[list[list[int]]]  # step -> micro-batch -> example indices
 class TrainSummary:
     steps: int
     resumed_from: int
-    first_loss: float | None
-    last_loss: float | None
+    first: dict | None  # the logged metrics of the run's first and last loop steps
+    last: dict | None
     tokens: int
     seconds: float
     padding: float | None = None  # share of the token slots of this run's steps that were padding
+
+    @property
+    def first_loss(self) -> float | None:
+        return None if self.first is None else self.first["loss"]
+
+    @property
+    def last_loss(self) -> float | None:
+        return None if self.last is None else self.last["loss"]
+
+    def metrics(self) -> dict[str, float | None]:
+        """The numbers every trained stage reports."""
+        return {"train_loss_first": self.first_loss, "train_loss_last": self.last_loss, "steps": self.steps,
+                "train_tokens": self.tokens, "train_padding": self.padding}
+
+
+class BatchSource(Protocol):
+    """Where the loop's batches come from: a fixed plan (:class:`PlanSource`) or a source that makes them as
+    it goes (PPO's rollouts), which then owns a resume state of its own.
+
+    ``steps`` loop steps (one logged row, checkpoint and snapshot boundary each) of ``optimizer_steps``
+    optimizer steps in all; ``batches(step, model)`` yields, for each optimizer step of loop step ``step``,
+    this process's micro-batches; ``summarize`` turns those steps' metrics into the logged row."""
+
+    key: str  # what a checkpoint must have been made for to be resumed
+    steps: int
+    optimizer_steps: int
+
+    def batches(self, step: int, model) -> Iterator[list[object]]: ...
+    def summarize(self, step: int, step_metrics: list[dict]) -> dict[str, float]: ...
+    def postfix(self, metrics: dict) -> dict[str, str]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def make_plan(
@@ -157,68 +191,95 @@ def progress_bar(accelerator, total: int, initial: int, desc: str):
                 dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
+class PlanSource:
+    """A plan fixed up front (SFT, RM, DPO): loop step ``i`` is one optimizer step over ``plan[i]``, of which
+    this process takes its ``grad_accum`` micro-batches. Its resume state is the step alone."""
+
+    def __init__(self, plan: Plan, make_batch: Callable[[Sequence[int]], object], rank: int, grad_accum: int):
+        self.plan, self.make_batch, self.rank, self.accum = plan, make_batch, rank, grad_accum
+        self.key = plan_hash(plan)
+        self.steps = self.optimizer_steps = len(plan)
+
+    def batches(self, step: int, model) -> Iterator[list[object]]:
+        groups = self.plan[step][self.rank * self.accum : (self.rank + 1) * self.accum]
+        yield [self.make_batch(group) for group in groups]
+
+    def summarize(self, step: int, step_metrics: list[dict]) -> dict[str, float]:
+        return step_metrics[0]
+
+    def postfix(self, metrics: dict) -> dict[str, str]:
+        return {"loss": f"{metrics['loss']:.4f}", "lr": f"{metrics['lr']:.2e}",
+                "tok_s": f"{metrics['tokens_per_s']:.0f}"}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class _Tally:
+    """What the loop adds up over a run, kept in every checkpoint so a resumed run reports the whole run."""
+
+    tokens: int = 0
+    slots: int = 0  # token slots of the steps that know their padded size
+    slot_tokens: int = 0  # real tokens of those steps
+    first: dict | None = None  # the logged metrics of the first step
+
+    def add(self, metrics: dict) -> None:
+        if "slots" in metrics:
+            self.slots += metrics.pop("slots")
+            self.slot_tokens += metrics["tokens"]
+        self.tokens += metrics.pop("tokens")
+        self.first = dict(metrics) if self.first is None else self.first
+
+    def state(self) -> dict:
+        return {"tokens": self.tokens, "slots": self.slots, "slot_tokens": self.slot_tokens, "first": self.first}
+
+
 def train(
-    *,
-    accelerator,
-    model: torch.nn.Module,
-    optimizer,
-    scheduler,
-    plan: Plan,
-    make_batch: Callable[[Sequence[int]], object],
+    *, accelerator, model: torch.nn.Module, optimizer, scheduler, source: BatchSource,
     loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict[str, float]]],
-    units: Callable[[object], float],
-    cfg: TrainConfig,
-    out_dir: Path,
-    logger: MetricsLogger,
-    desc: str = "train",
-    on_step: Callable[[int], None] | None = None,
+    units: Callable[[object], float], cfg: TrainConfig, out_dir: Path, logger: MetricsLogger,
+    desc: str = "train", on_step: Callable[[int], None] | None = None,
 ) -> TrainSummary:
-    """Run ``plan`` (resuming from the latest checkpoint in ``out_dir/checkpoints`` if any), one
-    :func:`optimizer_step` per entry."""
-    checkpoints = Checkpoints(accelerator, Path(out_dir) / "checkpoints", plan_hash(plan), cfg.keep_checkpoints,
+    """Run ``source`` (resuming from the latest checkpoint in ``out_dir/checkpoints`` if any): for each loop
+    step, one :func:`optimizer_step` per micro-batch list the source yields, then one logged row."""
+    checkpoints = Checkpoints(accelerator, Path(out_dir) / "checkpoints", source.key, cfg.keep_checkpoints,
                               stateful={"scheduler": scheduler})
     state = checkpoints.resume(desc) or {}
-    start, tokens_seen = state.get("step", 0), state.get("tokens", 0)
-    slots_seen, slot_tokens = state.get("slots", 0), state.get("slot_tokens", 0)  # padding share: steps with slots
-    first_loss, last_loss = state.get("first_loss"), None
+    start = state.get("step", 0)
+    tally = _Tally(**{k: state[k] for k in ("tokens", "slots", "slot_tokens", "first") if k in state})
     if start:
+        source.load_state_dict(state.get("source", {}))
         logger.truncate_after(start)
-        accelerator.print(f"[{desc}] resuming from {checkpoints.loaded.name} (step {start}/{len(plan)})")
-    rank, accum = accelerator.process_index, cfg.grad_accum
-    bar = progress_bar(accelerator, len(plan), start, desc)
+        accelerator.print(f"[{desc}] resuming from {checkpoints.loaded.name} (step {start}/{source.steps})")
+    bar = progress_bar(accelerator, source.steps, start, desc)
     model.train()
-    t_start = time.perf_counter()
-    for step in range(start, len(plan)):
-        batches = [make_batch(group) for group in plan[step][rank * accum : (rank + 1) * accum]]
-        try:
-            metrics = optimizer_step(accelerator, model, optimizer, scheduler, batches, loss_fn, units,
-                                     cfg.optim.max_grad_norm)
-        except TrainingDiverged as err:
-            raise TrainingDiverged(f"[{desc}] step {step + 1}/{len(plan)}: {err}") from None
-        if "slots" in metrics:
-            slots_seen += metrics.pop("slots")
-            slot_tokens += metrics["tokens"]
-        tokens_seen += metrics.pop("tokens")
-        first_loss = metrics["loss"] if first_loss is None else first_loss
-        last_loss = metrics["loss"]
+    t_start, last = time.perf_counter(), None
+    for step in range(start, source.steps):
+        step_metrics = []
+        for batches in source.batches(step, model):
+            try:
+                step_metrics.append(optimizer_step(accelerator, model, optimizer, scheduler, batches, loss_fn,
+                                                   units, cfg.optim.max_grad_norm))
+            except TrainingDiverged as err:
+                raise TrainingDiverged(f"[{desc}] step {step + 1}/{source.steps}: {err}") from None
+        last = source.summarize(step, step_metrics)
+        tally.add(last)
         done = step + 1
-        if done % cfg.log_every == 0 or done == len(plan):
-            logger.log(done, metrics)
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                        tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)  # drawn at tqdm's interval
+        if done % cfg.log_every == 0 or done == source.steps:
+            logger.log(done, last)
+        bar.set_postfix(**source.postfix(last), refresh=False)  # drawn at tqdm's interval
         bar.update(1)
         if on_step is not None:  # before the checkpoint: a run resumed from it has had on_step(done)
             on_step(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done < len(plan):
-            checkpoints.save(done, {"tokens": tokens_seen, "slots": slots_seen, "slot_tokens": slot_tokens,
-                                    "first_loss": first_loss})
+        if cfg.save_every and done % cfg.save_every == 0 and done < source.steps:
+            checkpoints.save(done, {**tally.state(), "source": source.state_dict()})
     bar.close()
     return TrainSummary(
-        steps=len(plan),
-        resumed_from=start,
-        first_loss=first_loss,
-        last_loss=last_loss,
-        tokens=tokens_seen,
+        steps=source.steps, resumed_from=start, first=tally.first, last=last, tokens=tally.tokens,
         seconds=time.perf_counter() - t_start,
-        padding=1.0 - slot_tokens / slots_seen if slots_seen else None,
+        padding=1.0 - tally.slot_tokens / tally.slots if tally.slots else None,
     )

@@ -9,8 +9,9 @@ from align.config.ppo import PPOStage
 from align.config.specs import ModelSpec
 from align.models.loading import build_tiny_model
 from align.models.policy_value import PolicyAndValue, token_logps
-from align.rl.advantages import gae, kl_penalized_rewards, masked_whiten
-from align.train.ppo import eos_penalized, make_loss_fn
+from align.rl.advantages import advantages_of, gae, kl_penalized_rewards, masked_whiten
+from align.train.ppo import stage_loss
+from align.train.rollouts import eos_penalized
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,7 +65,7 @@ def test_loss_uses_cliprange_vf_coef_and_temperature(batch):
     for name, kw in {"base": {}, "clip": {"cliprange": 0.05}, "vclip": {"cliprange_value": 0.01},
                      "vf": {"vf_coef": 0.7}, "temp": {"sampling": {"temperature": 0.5}}}.items():
         s = stage(**kw)
-        loss, stats = make_loss_fn(s)(model, rollout)
+        loss, stats = stage_loss(s)(model, rollout)
         logits, values = model(rollout.sequences, rollout.attention_mask)
         logps = token_logps(logits, rollout.sequences, s.sampling.temperature)
         pg, _ = policy_loss(logps, rollout.logps, rollout.advantages, rollout.response_mask, s.cliprange)
@@ -75,9 +76,7 @@ def test_loss_uses_cliprange_vf_coef_and_temperature(batch):
 
 
 def test_rewards_advantages_follow_kl_coef_estimator_gamma_lam_and_whitening():
-    # the arithmetic the stage's _rollout runs, with each setting changed in turn
-    from align.train import ppo
-
+    # the arithmetic a rollout runs, with each setting changed in turn
     g = torch.Generator().manual_seed(1)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0, 2:6] = mask[1, 1:4] = True
@@ -87,7 +86,8 @@ def test_rewards_advantages_follow_kl_coef_estimator_gamma_lam_and_whitening():
     for kw in ({}, {"kl_coef": 0.3}, {"kl_estimator": "k3"}, {"gamma": 0.9}, {"lam": 0.5},
                {"whiten_advantages": False}):
         s = stage(**kw)
-        _, _, adv, ret = ppo.advantages_of(scores, logps, ref, values, mask, s.kl_coef, s)
+        _, _, adv, ret = advantages_of(scores, logps, ref, values, mask, kl_coef=s.kl_coef, kl_estimator=s.kl_estimator,
+                                      gamma=s.gamma, lam=s.lam, whiten=s.whiten_advantages)
         rewards, _ = kl_penalized_rewards(scores, logps, ref, mask, s.kl_coef, s.kl_estimator)
         expected_adv, expected_ret = gae(rewards, values, mask, s.gamma, s.lam)
         if s.whiten_advantages:
@@ -98,7 +98,7 @@ def test_rewards_advantages_follow_kl_coef_estimator_gamma_lam_and_whitening():
 
 
 def test_kl_controller_follows_adaptive_kl():
-    from align.train.ppo import kl_controller
+    from align.train.rollouts import kl_controller
 
     fixed = kl_controller(stage(kl_coef=0.3))
     fixed.update(100.0, 64)
@@ -111,8 +111,7 @@ def test_kl_controller_follows_adaptive_kl():
 def test_value_head_starts_on_the_whitened_reward_scale(tmp_path):
     import json
 
-    from align.models.reward import seq_cls_from_causal
-    from align.train.ppo import _whiten_value_head
+    from align.models.reward import seq_cls_from_causal, whiten_value_head
 
     spec = ModelSpec(path="builtin:tiny", tiny=TINY)
     (tmp_path / "reward_stats.json").write_text(json.dumps({"mean": -1.0, "std": 4.0, "count": 10}))
@@ -121,5 +120,64 @@ def test_value_head_starts_on_the_whitened_reward_scale(tmp_path):
                                "whiten": False}, 1.0)):
         value = seq_cls_from_causal(build_tiny_model(spec, 262, seed=0), seed=1)
         before = value.score.weight.detach().clone()
-        _whiten_value_head(value, str(tmp_path), stage(reward=reward))
+        s = stage(reward=reward)
+        whiten_value_head(value, str(tmp_path), s.reward.whiten and s.reward.function is None)
         assert torch.allclose(value.score.weight, before * expected)
+
+
+def test_the_stage_rescales_its_value_head_from_the_reward_models_stats(tmp_path):
+    # through the PPO stage's own loading: a value model that starts from the RM starts on the whitened scale
+    import json
+    from types import SimpleNamespace
+
+    from align.models.loading import save_checkpoint
+    from align.models.reward import backbone_and_head, load_reward_model, load_reward_tokenizer
+    from align.train.ppo import PPO
+
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY)
+    tokenizer = load_reward_tokenizer(spec, "builtin:tiny")
+    rm = load_reward_model(spec, "builtin:tiny", tokenizer, seed=0)
+    save_checkpoint(rm, tokenizer, tmp_path / "rm")
+    (tmp_path / "rm" / "reward_stats.json").write_text(json.dumps({"mean": -1.0, "std": 4.0, "count": 10}))
+    saved = backbone_and_head(rm)[1].weight.detach().clone()
+    ctx = SimpleNamespace(seed=0, model_path=lambda s, kinds=None: s.path)
+    for whiten, expected in ((True, 0.25), (False, 1.0)):
+        task = PPO(stage(reward={"model": {"path": str(tmp_path / "rm")}, "whiten": whiten}), ctx)
+        value, _ = task._value_model(len(tokenizer))
+        assert torch.allclose(backbone_and_head(value)[1].weight, saved * expected)
+
+
+def test_the_rollout_source_passes_kl_coef_estimator_gamma_lam_and_whitening(monkeypatch):
+    # through the stage's rollout source: its rewards and advantages follow each setting
+    from types import SimpleNamespace
+
+    from accelerate import Accelerator
+
+    from align.generation.protocol import Sample
+    from align.models.loading import load_tokenizer
+    from align.models.reward import seq_cls_from_causal
+    from align.train import rollouts
+
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY)
+    model = PolicyAndValue(build_tiny_model(spec, 262, seed=0),
+                           seq_cls_from_causal(build_tiny_model(spec, 262, seed=2), seed=3))
+    reference = build_tiny_model(spec, 262, seed=1).eval()  # not the policy: the KL is not 0
+    samples = [Sample([5, 6, 7], "a", "stop", None, (1, 2, 3)), Sample([8, 9], "b", "length", None, (4, 5, 6, 7))]
+    monkeypatch.setattr(rollouts, "_generate", lambda *args: samples)
+    prompts = [SimpleNamespace(prompt=[{"role": "user", "content": "x"}], is_safety=False)] * 2
+    scores = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    seen = set()
+    for kw in ({}, {"kl_coef": 0.3}, {"kl_estimator": "k3"}, {"gamma": 0.9}, {"lam": 0.5},
+               {"whiten_advantages": False}):
+        s = stage(rollout_batch_size=2, **kw)
+        source = rollouts.RolloutSource(s, SimpleNamespace(seed=0, round=1), Accelerator(cpu=True), prompts,
+                                        load_tokenizer(spec, "builtin:tiny"), reference,
+                                        lambda p, r, t: scores, sampler=None)
+        r = source._roll_out(0, model).rollout
+        rewards, _ = kl_penalized_rewards(scores.float(), r.logps, r.ref_logps, r.response_mask, s.kl_coef,
+                                          s.kl_estimator)
+        adv, ret = gae(rewards, r.values, r.response_mask, s.gamma, s.lam)
+        adv = masked_whiten(adv, r.response_mask) if s.whiten_advantages else adv
+        assert torch.allclose(r.rewards, rewards) and torch.allclose(r.advantages, adv) and torch.allclose(r.returns, ret)
+        seen.add(round(float((r.advantages * r.advantages.abs().sqrt()).sum() + r.returns.sum() + r.rewards.sum()), 6))
+    assert len(seen) == 6
