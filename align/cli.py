@@ -94,10 +94,12 @@ def _register_eval_commands(sub) -> None:
 
 
 def _register_data_commands(sub) -> None:
-    """One line per ``align data X`` command; each module adds its own subparser (``add_command``)."""
-    from eval.world import add_command as add_world_command  # align data world
+    """``align data NAME``: each plug-in's ``data_command`` adds its own subparser (``add_command``; the
+    built-in world's ``align data world``, :mod:`align.plugins`)."""
+    from align import plugins
 
-    add_world_command(sub)
+    for name in plugins.names("data_command"):
+        plugins.load("data_command", name)(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:

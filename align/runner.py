@@ -28,10 +28,10 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from types import ModuleType
 
 from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
-from align.config.registry import STAGE_TYPES
 from align.io_atomic import write_text_atomic
 from align.run_folders import check_made_by_align, settle_swap, swap, work_dir
 from align.runtime import (
@@ -45,6 +45,38 @@ from align.runtime import (
 )
 
 VERSION = "0.2.0"  # part of every fingerprint: results of an older contract are recomputed
+
+
+def stage_module(kind: str) -> ModuleType:
+    """The module that runs a stage kind: its ``run(stage, ctx) -> StageResult``. The one table from kind to
+    code, written as plain imports (so the import linter sees the runner use them), made inside the function
+    because the stage modules import torch and the runner must not."""
+    if kind == "sft":
+        from align.train import sft as module
+    elif kind == "reward_model":
+        from align.train import reward_model as module
+    elif kind == "rejection_sampling":
+        from align.stages import rejection_sampling as module
+    elif kind == "dpo":
+        from align.train import dpo as module
+    elif kind == "ppo":
+        from align.train import ppo as module
+    elif kind == "gatt":
+        from align.stages import gatt as module
+    elif kind == "model_average":
+        from align.stages import model_average as module
+    elif kind == "evaluate":
+        from align.stages import evaluation as module
+    else:
+        raise KeyError(f"no module runs stage kind '{kind}' (add it to align.runner.stage_module)")
+    return module
+
+
+# The modules of stage_module by name, for the fork server to import once without importing them here
+# (a test checks that they are exactly stage_module's modules).
+STAGE_MODULES = ("align.train.sft", "align.train.reward_model", "align.stages.rejection_sampling",
+                 "align.train.dpo", "align.train.ppo", "align.stages.gatt", "align.stages.model_average",
+                 "align.stages.evaluation")
 
 
 def _hash_path(path: Path, h) -> None:
@@ -109,8 +141,6 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: P
     ``work_dir``: where the stage writes (default: its folder). A rerun of a finished stage builds beside
     it and is swapped in by the runner when complete; ``result.json`` names the artifacts by the paths they
     will have then."""
-    import importlib
-
     t0 = time.perf_counter()
     history: dict[int, dict[str, StageResult]] = {}
     for r, earlier in _schedule(recipe):
@@ -130,7 +160,7 @@ def run_stage(recipe: Recipe, stage_name: str, round_: int, fp: str, work_dir: P
         recipe=recipe, round=round_, out_dir=out, upstream=_view(history, round_),
         history={r: v for r, v in history.items() if r < round_}, outputs=stage.outputs(upstream_kinds),
     )
-    result = importlib.import_module(stage.runs_in).run(stage, ctx)
+    result = stage_module(stage.kind).run(stage, ctx)
     if int(os.environ.get("RANK", "0")) != 0:
         return result
     missing = [f"{kind} ({rel})" for kind, rel in ctx.outputs.items() if not (out / rel).exists()]
@@ -201,7 +231,7 @@ def _fork_context():
                    # imported lazily on first use, about 3.5 s a stage if each stage paid for them
                    "transformers.models.llama.modeling_llama", "transformers.models.auto.modeling_auto",
                    "accelerate.utils", "peft", "safetensors.torch", "torch.utils.tensorboard"]
-        _FORKSERVER.set_forkserver_preload(modules + sorted({cls.runs_in for cls in STAGE_TYPES}))
+        _FORKSERVER.set_forkserver_preload(modules + list(STAGE_MODULES))
     return _FORKSERVER
 
 

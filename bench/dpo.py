@@ -74,7 +74,7 @@ def prepare_data(args, path: Path) -> dict:
     (both sides would drop the others)."""
     from align.data.builtin import chat_preference_records
     from align.data.chat import build_byte_tokenizer
-    from align.data.preference import tokenize_response
+    from align.data.encode import encode_preference
     from data_schemas import read_jsonl
 
     tok = build_byte_tokenizer()
@@ -84,8 +84,8 @@ def prepare_data(args, path: Path) -> dict:
         records = chat_preference_records(4 * args.pairs, args.seed)
     rows, prompt_tokens, response_tokens = [], 0, 0
     for r in records:
-        p_ids, c_ids, *_ = tokenize_response(tok, r.prompt, r.chosen)
-        _, j_ids, *_ = tokenize_response(tok, r.prompt, r.rejected)
+        encoded, _ = encode_preference(tok, r, keep=[0, len(r.responses) - 1], truncation="cut_end")
+        p_ids, (c_ids, j_ids) = encoded.prompt_ids, encoded.responses
         room = args.max_length - len(p_ids)
         if room < 8:
             continue

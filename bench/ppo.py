@@ -245,7 +245,7 @@ def ours_recipe(args, work: Path) -> dict:
             "iterations": args.iterations, "rollout_batch_size": args.rollout_batch,
             "ppo_epochs": args.ppo_epochs, "kl_coef": args.kl_coef, "kl_estimator": "k1",
             "gamma": 1.0, "lam": 0.95, "whiten_advantages": True, "cliprange": 0.2, "cliprange_value": 0.2,
-            "vf_coef": 0.1, "missing_eos_penalty": None, "report_gold": False,
+            "vf_coef": 0.1, "missing_eos_penalty": None, "evaluators": [],
             "train": {
                 "batch_size": args.minibatch, "grad_accum": 1, "mixed_precision": "no", "save_every": 0,
                 "log_every": 1, "report_to": [],

@@ -87,7 +87,7 @@ def stages(init: str, steps: int) -> list[dict]:
          "data": {"builtin": "world_helpful", "builtin_size": 400}, "train": train},
         {"name": "dpo", "kind": "dpo", "model": model, "metrics_records": 0,
          "data": {"builtin": "chat", "builtin_size": 400}, "train": train},
-        {"name": "ppo", "kind": "ppo", "model": model, "reward": {"function": "gold"}, "report_gold": False,
+        {"name": "ppo", "kind": "ppo", "model": model, "reward": {"function": "gold"}, "evaluators": [],
          "prompts": {"builtin": "world", "builtin_size": 32 * (steps + 1)}, "iterations": steps,
          "rollout_batch_size": 32, "ppo_epochs": 2,
          "sampling": {"temperature": 1.0, "max_new_tokens": 48, "batch_size": 32},

@@ -11,7 +11,7 @@ written to a temp folder. The world's SFT data is deliberately imperfect (about 
     python bench/world_sft_check.py --max-steps 40 --eval-prompts 100
     python bench/world_sft_check.py sft.train.batch_size=4 sft.train.optim.lr=1e-2   # recipe overrides
 
-Prints a few examples and the metrics of :func:`eval.world_eval.evaluate_policy` on held-out prompts and
+Prints a few examples and the metrics of :func:`world.evaluator.evaluate_policy` on held-out prompts and
 on training-split prompts; the last line is one JSON object. Measured on 2 idle CPU cores (~950 steps,
 75-85 s including start-up), seeds 0 / 1, held out: gold_helpfulness 0.58 / 0.56, safety_violation_rate
 0.05 / 0.27, over_refusal_rate 0.21 / 0.17, instruction_following 0.67 / 0.57. With 2000 chats: 4 rows
@@ -104,9 +104,9 @@ def make_generate(model_dir: str, batch_size: int, max_new_tokens: int = 48):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from align.cli import main as align_main
-    from eval.world import eval_prompt_records, prompt_records
-    from eval.world_eval import as_messages, evaluate_policy
-    from rewards.gold import judge
+    from world.evaluator import as_messages, evaluate_policy
+    from world.generator import eval_prompt_records, prompt_records
+    from world.judge import judge
 
     work = Path(args.work or tempfile.mkdtemp(prefix="world_sft_check_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -28,17 +28,14 @@ def evaluate_reward_model(model: str, data: str, batch_size: int = 8, limit: int
     scorer = RewardScorer.from_pretrained(model, device=device, max_length=max_length)
     prompts = [r.prompt for r in records for _ in r.responses]
     responses = [m for r in records for m in r.responses]
-    from rewards.encoding import BOUNDARY_SPLITS
-
-    before = BOUNDARY_SPLITS[0]
     flat = scorer.score(prompts, responses, batch_size=batch_size)
-    boundary = BOUNDARY_SPLITS[0] - before
     scores, k = [], 0
     for r in records:
         scores.append(flat[k : k + len(r.responses)])
         k += len(r.responses)
     metrics = ranking_accuracy(scores, [r.strength for r in records], [r.domain for r in records])
-    metrics["boundary_adjusted"] = float(boundary)  # responses split from the prompt at the text boundary
+    # responses split from the prompt at the text boundary
+    metrics["boundary_adjusted"] = float(scorer.boundary_adjusted)
     return metrics
 
 

@@ -7,8 +7,8 @@ itself), exactly what TRL's ``RewardTrainer`` and ``apply_chat_template(tokenize
 prompt part is the template rendered with ``add_generation_prompt=True`` (it ends with the assistant
 header); the rendered prompt must be a prefix of the rendered conversation in text. When the tokenizer
 merges the prompt's last token with the response's first (ChatML's ``assistant\n`` before a response that
-starts with spaces), the response is tokenised on its own from the text boundary, as TRL does, and counted
-in ``BOUNDARY_SPLITS``.
+starts with spaces), the response is tokenised on its own from the text boundary, as TRL does;
+:func:`response_tokens` says so (``split``), and callers count it (``boundary_adjusted``).
 
 Truncation (only when ``max_length`` is set):
 
@@ -24,16 +24,12 @@ exactly the ids it had inside its (packed, several-response) training record.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
 class EncodingError(ValueError):
     """The tokenizer's chat template cannot split a conversation into prompt and response tokens."""
-
-
-# How many responses were split at the text boundary because the tokenizer merged them with the prompt's end
-# (this process); stages report it as ``boundary_adjusted``.
-BOUNDARY_SPLITS = [0]
 
 
 def as_message_dicts(messages: Any) -> list[dict]:
@@ -67,17 +63,35 @@ def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def _tokens(tokenizer, text: str, offsets: bool) -> tuple[list[int], list[int]]:
+    """(ids, char offset where each token starts; empty unless ``offsets``)."""
+    if not offsets:
+        return _ids(tokenizer, text), []
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(enc["input_ids"]), [s for s, _ in enc["offset_mapping"]]
+
+
 def encode_prompt(tokenizer, prompt: Any) -> tuple[str, list[int]]:
     """(rendered prompt text ending with the assistant header, its ids)."""
     text = tokenizer.apply_chat_template(as_message_dicts(prompt), tokenize=False, add_generation_prompt=True)
     return text, _ids(tokenizer, text)
 
 
-def encode_response(tokenizer, prompt: Any, response: Any, encoded_prompt=None) -> list[int]:
-    """Ids of ``response`` as it follows ``prompt`` in the rendered conversation.
+@dataclass(frozen=True)
+class ResponseTokens:
+    ids: list[int]  # the response's ids as they follow the prompt's
+    starts: list[int]  # where each token starts in ``text`` (chars; empty unless asked for)
+    text: str  # the rendered conversation, prompt + response
+    split: bool  # tokenised from the text boundary: the tokenizer merged it with the prompt's end
+
+
+def response_tokens(
+    tokenizer, prompt: Any, response: Any, encoded_prompt=None, offsets: bool = False
+) -> ResponseTokens:
+    """``response`` as it follows ``prompt`` in the rendered conversation (the module's rule).
 
     ``encoded_prompt``: the result of :func:`encode_prompt` for this prompt (saves re-rendering it when
-    one prompt has several responses).
+    one prompt has several responses); ``offsets``: also where each token starts (a fast tokenizer).
     """
     prompt_text, prompt_ids = encoded_prompt or encode_prompt(tokenizer, prompt)
     messages = as_message_dicts(prompt) + [as_response_dict(response)]
@@ -87,18 +101,23 @@ def encode_response(tokenizer, prompt: Any, response: Any, encoded_prompt=None) 
             "the chat template does not render the prompt (with the generation prompt) as a prefix of the "
             "conversation; use a Llama 3 style template"
         )
-    full_ids = _ids(tokenizer, full_text)
-    if full_ids[: len(prompt_ids)] == prompt_ids and len(full_ids) > len(prompt_ids):
-        return full_ids[len(prompt_ids) :]
+    full_ids, starts = _tokens(tokenizer, full_text, offsets)
+    n = len(prompt_ids)
+    if full_ids[:n] == prompt_ids and len(full_ids) > n:
+        return ResponseTokens(full_ids[n:], starts[n:], full_text, split=False)
     # The tokenizer merges the end of the prompt with the start of the response (ChatML's "assistant\n"
     # followed by a response that starts with spaces: "\n  " is one token). The boundary is then the text
     # boundary: the response's text is tokenised on its own, as TRL does when it tokenises prompt and
     # response separately. Training and scoring use this same rule, so a response has the same ids in both.
-    BOUNDARY_SPLITS[0] += 1
-    response_ids = _ids(tokenizer, full_text[len(prompt_text) :])
-    if not response_ids:
+    ids, starts = _tokens(tokenizer, full_text[len(prompt_text) :], offsets)
+    if not ids:
         raise EncodingError("the response renders to no tokens")
-    return response_ids
+    return ResponseTokens(ids, [s + len(prompt_text) for s in starts], full_text, split=True)
+
+
+def encode_response(tokenizer, prompt: Any, response: Any, encoded_prompt=None) -> list[int]:
+    """Ids of ``response`` as it follows ``prompt`` in the rendered conversation (:func:`response_tokens`)."""
+    return response_tokens(tokenizer, prompt, response, encoded_prompt).ids
 
 
 def truncate(
@@ -122,11 +141,19 @@ def truncate(
     return prompt, responses
 
 
+def encode_scored(
+    tokenizer, prompt: Any, response: Any, max_length: int | None = None, max_prompt_length: int | None = None
+) -> tuple[list[int], bool]:
+    """(ids of one (prompt, response) as the reward model scores it (truncated by the module's rule),
+    whether the response was split from the prompt at the text boundary)."""
+    encoded = encode_prompt(tokenizer, prompt)
+    response = response_tokens(tokenizer, prompt, response, encoded)
+    prompt_ids, (response_ids,) = truncate(encoded[1], [response.ids], max_length, max_prompt_length)
+    return prompt_ids + response_ids, response.split
+
+
 def encode_pair(
     tokenizer, prompt: Any, response: Any, max_length: int | None = None, max_prompt_length: int | None = None
 ) -> list[int]:
     """Ids of one (prompt, response) as the reward model scores it (truncated by the module's rule)."""
-    encoded = encode_prompt(tokenizer, prompt)
-    response_ids = encode_response(tokenizer, prompt, response, encoded)
-    prompt_ids, (response_ids,) = truncate(encoded[1], [response_ids], max_length, max_prompt_length)
-    return prompt_ids + response_ids
+    return encode_scored(tokenizer, prompt, response, max_length, max_prompt_length)[0]

@@ -6,7 +6,7 @@
 ``responses[i]`` the answer's text, ``is_safety[i]`` whether prompt i is tagged safety (only the Llama 2
 combination reads it). Implementations: :class:`rewards.scoring.ModelReward` (one reward model),
 :class:`rewards.combine.CombinedReward` (Helpfulness + Safety), :class:`PerSampleReward` around a
-programmatic function (:func:`rewards.gold.gold_reward`, the built-in world's judge).
+programmatic function (:func:`world.judge.gold_reward`, the built-in world's judge).
 
 The tensor is float64 so that it holds exactly the Python floats the scorers compute (rejection sampling
 writes them into its records); PPO casts it to its own dtype. torch is imported lazily, as everywhere in

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rewards.encoding import encode_pair
+from rewards.encoding import encode_scored
 from rewards.protocol import as_rewards
 from rewards.whitening import RewardStats, whiten
 
@@ -41,6 +41,7 @@ class RewardScorer:
             raise ValueError("the reward model's config has no pad_token_id (HF needs it to find the last token)")
         self.model, self.tokenizer, self.stats = model.eval(), tokenizer, stats
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
+        self.boundary_adjusted = 0  # responses encoded apart from their prompt (merged at the text boundary)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | None = None, dtype=None,
@@ -64,7 +65,9 @@ class RewardScorer:
         return next(self.model.parameters()).device
 
     def encode(self, prompt: Any, response: Any) -> list[int]:
-        return encode_pair(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length)
+        ids, split = encode_scored(self.tokenizer, prompt, response, self.max_length, self.max_prompt_length)
+        self.boundary_adjusted += split
+        return ids
 
     def score(self, prompts: Sequence[Any], responses: Sequence[Any], batch_size: int = 8) -> list[float]:
         """Raw scores of ``responses[i]`` to ``prompts[i]``.

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             mfu = 6 * params * r["tokens_per_s"] / (peak * 1e12)
             emit(results, {"check": kind, "parameters": params, "precision": "bf16 autocast",
                            **{k: round(v, 1) for k, v in r.items()}, "mfu": round(mfu, 4)})
-        from eval.world import eval_prompt_records
+        from world.generator import eval_prompt_records
 
         prompts = [r.prompt for r in eval_prompt_records(args.prompts, seed=0)]
         row = {"check": "rs", "k": 8, "prompts": len(prompts), "max_new_tokens": args.max_new_tokens,

@@ -1,1 +1,1 @@
-"""Recipe configuration (pydantic, no torch). Stage kinds: one module each, found by ``registry``."""
+"""Recipe configuration (pydantic, no torch). Stage kinds: one module each, listed in ``registry``."""

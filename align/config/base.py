@@ -1,14 +1,16 @@
 """The stage contract on the config side: typed artifacts, and the base class of every stage kind.
 
 A stage kind is one pydantic class (a subclass of :class:`StageBase` with ``kind: Literal["..."]``) in a
-module of ``align.config``; :mod:`align.config.registry` finds it there. The class says
+module of ``align.config``, listed in :mod:`align.config.registry`. The class says
 
 - what it **consumes**: every field holding a spec with a ``from`` reference (``ModelSpec``, ``DataSpec``,
   ...) is annotated ``Annotated[Spec, Consumes(Artifact.X, ...)]`` with the artifact types it accepts,
   in order of preference;
 - what it **produces**: ``produces`` maps each artifact type to its path inside the stage's folder
-  (``outputs()`` may refine it from the instance, e.g. no pairs file when pairs are off);
-- which module **runs** it: ``runs_in`` names a module exposing ``run(stage, ctx) -> StageResult``.
+  (``outputs()`` may refine it from the instance, e.g. no pairs file when pairs are off).
+
+Which module **runs** a kind (its ``run(stage, ctx) -> StageResult``) is not config:
+:func:`align.runner.stage_module` maps each kind to its module with plain imports.
 
 ``align validate`` checks every ``from:`` against what the referenced stage produces before anything runs.
 """
@@ -72,7 +74,6 @@ class StageBase(Strict):
     )
 
     produces: ClassVar[Mapping[Artifact, str]] = {}
-    runs_in: ClassVar[str] = ""
 
     def outputs(self, upstream: Mapping[str, frozenset[Artifact]]) -> dict[Artifact, str]:
         """Artifact type -> path inside the stage folder. ``upstream``: what each referenced stage

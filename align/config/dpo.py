@@ -20,7 +20,6 @@ class DPOStage(StageBase):
 
     kind: Literal["dpo"] = "dpo"
     produces: ClassVar = {Artifact.POLICY: "model"}
-    runs_in: ClassVar = "align.train.dpo"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to train (a path, builtin:tiny, or from: an earlier stage)")
     reference: Annotated[ModelSpec | None, Consumes(Artifact.POLICY)] = Field(

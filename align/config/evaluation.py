@@ -8,13 +8,14 @@ from pydantic import Field, model_validator
 
 from align.config.base import PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.sampling import GenerationBackend, SamplingParams
-from align.config.specs import DataSpec, ModelSpec, Strict
+from align.config.specs import EVALUATORS_HELP, DataSpec, EvaluatorNames, ModelSpec, Strict
 
 
 class RetentionEval(Strict):
-    """Multi-turn instruction retention (Llama 2 §3.3, Table 30; :mod:`eval.instruction_retention`): an
-    instruction of the built-in world stated at turn 1, then ``turns`` world questions answered greedily;
-    reports how often the instruction is still followed at each turn, and the attention on its tokens."""
+    """Multi-turn instruction retention (Llama 2 §3.3, Table 30; the world plug-in's ``retention`` suite,
+    :mod:`align.stages.retention`): an instruction of the built-in world stated at turn 1, then ``turns``
+    world questions answered greedily; reports how often the instruction is still followed at each turn,
+    and the attention on its tokens."""
 
     dialogues: int = Field(64, gt=0, description="number of dialogues")
     turns: int = Field(8, ge=2, description="user turns per dialogue")
@@ -47,14 +48,13 @@ class RetentionEval(Strict):
 
 
 class EvaluationStage(StageBase):
-    """Generate one answer per held-out prompt with the policy and report the built-in world's gold
-    metrics (gold_helpfulness, safety_violation_rate, over_refusal_rate, per-family accuracy), the
-    reward models' mean scores, and kl_to_reference; with ``retention``, also multi-turn instruction
-    retention (retention/... metrics, retention.jsonl, retention.png)."""
+    """Generate one answer per held-out prompt with the policy and report its evaluators' metrics (by
+    default the built-in world's gold metrics: gold_helpfulness, safety_violation_rate, over_refusal_rate,
+    per-family accuracy), the reward models' mean scores, and kl_to_reference; with ``retention``, also
+    multi-turn instruction retention (retention/... metrics, retention.jsonl, retention.png)."""
 
     kind: Literal["evaluate"] = "evaluate"
     produces: ClassVar = {Artifact.SAMPLES: "answers.jsonl"}
-    runs_in: ClassVar = "align.stages.evaluation"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to evaluate")
     prompts: Annotated[DataSpec, Consumes(*PROMPT_SOURCES)] = Field(
@@ -70,8 +70,9 @@ class EvaluationStage(StageBase):
         description="decoding settings (default greedy)",
     )
     backend: GenerationBackend = Field("hf", description="hf or vllm")
-    gold: Literal["auto", "on", "off"] = Field(
-        "auto", description="gold metrics of the built-in world: auto = when the prompts are world prompts"
+    evaluators: EvaluatorNames = Field(
+        default_factory=lambda: ["world"], description=EVALUATORS_HELP + " (world reports the gold metrics "
+        "when the prompts are the world's, nothing on other prompts; [] for none)",
     )
     snapshots: bool = Field(
         False, description="also evaluate the policy's snapshots (its stage's train.snapshot_every) with the "

@@ -10,7 +10,7 @@ from pydantic import Field, model_validator
 from align.config.base import Artifact, Consumes, StageBase
 from align.config.reward import RewardSpec
 from align.config.sampling import GenerationBackend, SamplingParams
-from align.config.specs import DataSpec, ModelSpec, Strict
+from align.config.specs import EVALUATORS_HELP, DataSpec, EvaluatorNames, ModelSpec, Strict, plugin_name
 
 
 class ConstraintGroup(Strict):
@@ -35,7 +35,9 @@ class InstructionPool(Strict):
     word, a word limit; the combinations the multi-turn evaluation holds out are never used), or your
     own constraint groups."""
 
-    builtin: Literal["world"] | None = Field("world", description="world: the built-in world's instructions")
+    builtin: Annotated[str | None, plugin_name("instructions")] = Field(
+        "world", description="a plug-in's instruction pool (world: the built-in world's instructions)"
+    )
     groups: list[ConstraintGroup] = Field(default_factory=list, description="your own constraint groups "
                                           "(with builtin: null)")
     max_combined: int = Field(2, ge=1, description="an instruction combines 1 to this many groups, at random")
@@ -58,7 +60,6 @@ class GattStage(StageBase):
 
     kind: Literal["gatt"] = "gatt"
     produces: ClassVar = {Artifact.SFT_RECORDS: "gatt.jsonl"}
-    runs_in: ClassVar = "align.stages.gatt"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the model that answers")
     dialogues: Annotated[DataSpec, Consumes(Artifact.SFT_RECORDS)] = Field(
@@ -88,9 +89,9 @@ class GattStage(StageBase):
         description="decoding of each answer; batch_size counts dialogues per generation call",
     )
     backend: GenerationBackend = Field("hf", description="hf (default) or vllm (extra align[vllm])")
-    report_gold: bool = Field(
-        False, description="report the built-in world's gold instruction-following and task accuracy of "
-        "the written answers",
+    evaluators: EvaluatorNames = Field(
+        default_factory=list, description=EVALUATORS_HELP + "; each answer judged on the messages the model saw "
+        "(world: gold_instruction_following and gold_task_accuracy)",
     )
 
     @model_validator(mode="after")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -30,7 +30,6 @@ class ModelAverageStage(StageBase):
     stages trained with different data or hyperparameters). Works for causal LMs and reward models."""
 
     kind: Literal["model_average"] = "model_average"
-    runs_in: ClassVar = "align.stages.model_average"
 
     models: Annotated[list[CheckpointRef], Consumes(*MODELS)] = Field(..., min_length=2, description="the checkpoints to average; the "
                                         "first one's config, tokenizer and dtypes are kept")

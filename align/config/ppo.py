@@ -9,7 +9,15 @@ from pydantic import Field, model_validator
 from align.config.base import MODELS, PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.reward import RewardSpec
 from align.config.sampling import GenerationBackend, SamplingParams
-from align.config.specs import DataSpec, ModelSpec, OptimConfig, Strict, TrainConfig
+from align.config.specs import (
+    EVALUATORS_HELP,
+    DataSpec,
+    EvaluatorNames,
+    ModelSpec,
+    OptimConfig,
+    Strict,
+    TrainConfig,
+)
 
 
 def _ppo_train() -> TrainConfig:
@@ -30,7 +38,6 @@ class PPOStage(StageBase):
 
     kind: Literal["ppo"] = "ppo"
     produces: ClassVar = {Artifact.POLICY: "model"}
-    runs_in: ClassVar = "align.train.ppo"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(
         ..., description="the policy to train (Llama 2: the rejection-sampling checkpoint)"
@@ -83,8 +90,9 @@ class PPOStage(StageBase):
         description="optimizer and batch geometry: batch_size * grad_accum * processes responses per "
         "optimizer step (a minibatch); epochs and max_steps are not used (iterations and ppo_epochs are)",
     )
-    report_gold: bool = Field(
-        True, description="built-in world prompts: report the gold helpfulness and violation rate of rollouts"
+    evaluators: EvaluatorNames = Field(
+        default_factory=lambda: ["world"], description=EVALUATORS_HELP + "; run on every iteration's rollouts "
+        "(world, on the world's prompts: gold_helpfulness, safety_violation_rate, over_refusal_rate)",
     )
 
     @model_validator(mode="after")

@@ -1,35 +1,48 @@
-"""The one registry of stage kinds: every :class:`~align.config.base.StageBase` subclass with a ``kind``
-defined in a module of ``align.config``. Adding a stage kind = adding its config module; nothing to list."""
+"""The one list of stage kinds: every stage config class, written out, in the order a round runs them.
+
+Adding a stage kind = importing its class here and listing it in ``STAGE_TYPES``, and naming the module
+that runs it in :func:`align.runner.stage_module`. Two classes with one ``kind`` are an error at import."""
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-import typing
+from collections.abc import Iterable
 
-import align.config as _package
 from align.config.base import StageBase
+from align.config.dpo import DPOStage
+from align.config.evaluation import EvaluationStage
+from align.config.gatt import GattStage
+from align.config.model_average import ModelAverageStage
+from align.config.ppo import PPOStage
+from align.config.rejection_sampling import RejectionSamplingStage
+from align.config.reward_model import RewardModelStage
+from align.config.sft import SFTStage
+
+STAGE_TYPES: tuple[type[StageBase], ...] = (
+    SFTStage,
+    RewardModelStage,
+    RejectionSamplingStage,
+    DPOStage,
+    PPOStage,
+    GattStage,
+    ModelAverageStage,
+    EvaluationStage,
+)
 
 
-def _discover() -> dict[str, type[StageBase]]:
-    for info in sorted(pkgutil.iter_modules(_package.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{_package.__name__}.{info.name}")
+def kind_of(cls: type[StageBase]) -> str:
+    """The ``kind`` a stage class is written with in a recipe (its ``Literal`` default)."""
+    return cls.model_fields["kind"].default
+
+
+def by_kind(types: Iterable[type[StageBase]]) -> dict[str, type[StageBase]]:
+    """Kind -> class; a kind defined twice is an error."""
     found: dict[str, type[StageBase]] = {}
-    pending = list(StageBase.__subclasses__())
-    while pending:
-        cls = pending.pop(0)
-        pending += cls.__subclasses__()
-        field = cls.model_fields.get("kind")
-        if field is None or typing.get_origin(field.annotation) is not typing.Literal:
-            continue  # an abstract base
-        kind = field.default
-        if kind in found and found[kind] is not cls:
+    for cls in types:
+        kind = kind_of(cls)
+        if kind in found:
             raise TypeError(f"stage kind '{kind}' is defined twice: {found[kind].__name__} and {cls.__name__}")
-        if not cls.runs_in:
-            raise TypeError(f"stage kind '{kind}' ({cls.__name__}) does not say which module runs it (runs_in)")
         found[kind] = cls
     return found
 
 
-STAGE_BY_KIND: dict[str, type[StageBase]] = _discover()
-STAGE_TYPES: tuple[type[StageBase], ...] = tuple(STAGE_BY_KIND.values())
+STAGE_BY_KIND: dict[str, type[StageBase]] = by_kind(STAGE_TYPES)

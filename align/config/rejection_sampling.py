@@ -9,7 +9,7 @@ from pydantic import Field
 from align.config.base import PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.reward import RewardSpec
 from align.config.sampling import GenerationBackend, SamplingParams
-from align.config.specs import DataSpec, ModelSpec
+from align.config.specs import EVALUATORS_HELP, DataSpec, EvaluatorNames, ModelSpec
 
 
 class RejectionSamplingStage(StageBase):
@@ -19,7 +19,6 @@ class RejectionSamplingStage(StageBase):
     kind: Literal["rejection_sampling"] = "rejection_sampling"
     produces: ClassVar = {Artifact.SFT_RECORDS: "sft.jsonl", Artifact.PREFERENCES: "pairs.jsonl",
                           Artifact.SAMPLES: "samples.jsonl"}
-    runs_in: ClassVar = "align.stages.rejection_sampling"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to sample from")
     prompts: Annotated[DataSpec, Consumes(*PROMPT_SOURCES)] = Field(..., description="prompt records (any of our files, or builtin: world)")
@@ -41,8 +40,9 @@ class RejectionSamplingStage(StageBase):
     )
     write_pairs: bool = Field(True, description="also write (best, worst) preference pairs for DPO")
     min_pair_gap: float = Field(0.0, ge=0, description="write a pair only when best - worst exceeds this")
-    report_gold: bool = Field(
-        False, description="also report the built-in world's gold score of the best and of all samples"
+    evaluators: EvaluatorNames = Field(
+        default_factory=list, description=EVALUATORS_HELP + "; with a per-answer score (world: the gold score) "
+        "reported as <name>_best_mean, <name>_sample_mean and <name>_first_mean (kept, all, first samples)",
     )
 
     def outputs(self, upstream):

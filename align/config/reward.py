@@ -8,12 +8,13 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from align.config.base import Artifact, Consumes
-from align.config.specs import ModelSpec, Strict
+from align.config.specs import ModelSpec, Strict, plugin_name
 
 
 class RewardSpec(Strict):
     """What scores the samples: one reward model, the Llama 2 Helpfulness + Safety combination, or a
-    programmatic reward function (``gold``: the built-in world's judge, for controlled experiments)."""
+    programmatic reward function (``gold``: the built-in world's judge, for controlled experiments; any
+    plug-in's reward function by name, or yours by dotted path: :mod:`align.plugins`)."""
 
     model: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="one reward model (a reward_model stage or a path)")
     helpful: Annotated[ModelSpec | None, Consumes(Artifact.REWARD_MODEL)] = Field(None, description="the Helpfulness reward model (with 'safety')")
@@ -26,7 +27,10 @@ class RewardSpec(Strict):
         "calibrated model; raw = the raw score"
     )
     whiten: bool = Field(True, description="whiten scores with each model's saved statistics")
-    function: Literal["gold"] | None = Field(None, description="a programmatic reward instead of models")
+    function: Annotated[str | None, plugin_name("reward")] = Field(
+        None, description="a programmatic reward instead of models: a plug-in's by name (gold: the built-in "
+        "world's judge) or a dotted path 'package.module:name' to a rewards.protocol.RewardFunction",
+    )
     batch_size: int = Field(16, gt=0, description="(prompt, response) rows per scoring batch")
 
     @model_validator(mode="after")

@@ -22,7 +22,6 @@ class RewardModelStage(StageBase):
 
     kind: Literal["reward_model"] = "reward_model"
     produces: ClassVar = {Artifact.REWARD_MODEL: "model"}
-    runs_in: ClassVar = "align.train.reward_model"
 
     model: Annotated[ModelSpec, Consumes(*MODELS)] = Field(
         ..., description="backbone: any causal LM (path, hub id, builtin:tiny, or from: an earlier stage) or a "

@@ -15,7 +15,6 @@ class SFTStage(StageBase):
 
     kind: Literal["sft"] = "sft"
     produces: ClassVar = {Artifact.POLICY: "model"}
-    runs_in: ClassVar = "align.train.sft"
 
     model: Annotated[ModelSpec, Consumes(Artifact.POLICY)] = Field(..., description="the policy to fine-tune")
     data: Annotated[DataSpec, Consumes(Artifact.SFT_RECORDS)] = Field(

@@ -15,34 +15,42 @@ def shrink(recipe: dict) -> dict:
     """A copy of ``recipe`` (a dict) at smoke size."""
     recipe = copy.deepcopy(recipe)
     for s in recipe["stages"]:
-        kind, train = s["kind"], s.get("train") or {}
         model = s.get("model") or {}
         if model.get("path") == "builtin:tiny":
             s["model"] = {**model, "tiny": TINY}
-        if kind in ("sft", "reward_model"):
-            s["train"] = {**train, "epochs": 1, "save_every": 0}
-            data = s.get("data") or {}
-            if data.get("builtin"):
-                s["data"] = {**data, "builtin_size": 300 if kind == "sft" else 120}
-            if kind == "sft" and data.get("builtin") and model.get("tokenizer") == "builtin:world":
-                # whole-word tokens: after 300 chats the policy writes answers that never end and the gold
-                # judge has nothing to rank into DPO pairs; 1,200 chats a row a step teach it to end them
-                s["data"]["builtin_size"] = 1200
-                s["train"]["batch_size"] = 1
-        elif kind == "rejection_sampling":
-            s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32}, min_pair_gap=0.0)
-            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
-        elif kind == "gatt":
-            s["dialogues"] = {**s["dialogues"], "builtin_size": 16}
-            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
-        elif kind == "dpo":
-            s["train"] = {**train, "max_steps": 4, "snapshot_every": 2 if train.get("snapshot_every") else 0}
-        elif kind == "ppo":
-            s.update(iterations=4, rollout_batch_size=16, prompts={"builtin": "world", "builtin_size": 64})
-            s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
-            s["train"] = {**train, "snapshot_every": 2 if train.get("snapshot_every") else 0}
-        elif kind == "evaluate":
-            s["prompts"] = {"builtin": "world_eval", "builtin_size": 24}
-            if s.get("retention"):
-                s["retention"] = {**s["retention"], "dialogues": min(s["retention"].get("dialogues", 16), 16)}
+        _shrink_stage(s, s["kind"], s.get("train") or {}, model)
     return recipe
+
+
+def _shrink_stage(s: dict, kind: str, train: dict, model: dict) -> None:
+    """Shrink one stage (a dict) in place: its data, samples and steps."""
+    if kind in ("sft", "reward_model"):
+        _shrink_supervised(s, kind, train, model)
+    elif kind == "rejection_sampling":
+        s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32}, min_pair_gap=0.0)
+        s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+    elif kind == "gatt":
+        s["dialogues"] = {**s["dialogues"], "builtin_size": 16}
+        s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+    elif kind == "dpo":
+        s["train"] = {**train, "max_steps": 4, "snapshot_every": 2 if train.get("snapshot_every") else 0}
+    elif kind == "ppo":
+        s.update(iterations=4, rollout_batch_size=16, prompts={"builtin": "world", "builtin_size": 64})
+        s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
+        s["train"] = {**train, "snapshot_every": 2 if train.get("snapshot_every") else 0}
+    elif kind == "evaluate":
+        s["prompts"] = {"builtin": "world_eval", "builtin_size": 24}
+        if s.get("retention"):
+            s["retention"] = {**s["retention"], "dialogues": min(s["retention"].get("dialogues", 16), 16)}
+
+
+def _shrink_supervised(s: dict, kind: str, train: dict, model: dict) -> None:
+    s["train"] = {**train, "epochs": 1, "save_every": 0}
+    data = s.get("data") or {}
+    if data.get("builtin"):
+        s["data"] = {**data, "builtin_size": 300 if kind == "sft" else 120}
+    if kind == "sft" and data.get("builtin") and model.get("tokenizer") == "builtin:world":
+        # whole-word tokens: after 300 chats the policy writes answers that never end and the gold
+        # judge has nothing to rank into DPO pairs; 1,200 chats a row a step teach it to end them
+        s["data"]["builtin_size"] = 1200
+        s["train"]["batch_size"] = 1

@@ -5,7 +5,41 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from align import plugins
+
+OWN_TOKENIZERS = ("builtin:bytes",)  # made by align.data.chat.build_byte_tokenizer
+
+
+def builtin_tokenizers() -> tuple[str, ...]:
+    """Recipe names of the tokenizers made locally: align's, then the plug-ins' (``builtin:NAME``)."""
+    return OWN_TOKENIZERS + tuple(f"builtin:{n}" for n in plugins.names("tokenizer"))
+
+
+def plugin_name(kind: str) -> AfterValidator:
+    """Validates a field naming an entry of :mod:`align.plugins` of ``kind`` (None passes)."""
+
+    def check(value: str | None) -> str | None:
+        why = plugins.problem(kind, value) if value is not None else None
+        if why is not None:
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(check)
+
+
+def _evaluator_names(names: list[str]) -> list[str]:
+    problems = [why for name in names if (why := plugins.problem("evaluator", name)) is not None]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return names
+
+
+# A stage's ``evaluators`` (align.evaluators): a plug-in's names or dotted paths, all checked at validation.
+EvaluatorNames = Annotated[list[str], AfterValidator(_evaluator_names)]
+EVALUATORS_HELP = ("evaluators of the responses, whose metrics join the stage's (align.evaluators): a plug-in's "
+                   "name (world: the built-in world's gold judge) or a dotted path 'package.module:name'")
 
 
 class Strict(BaseModel):
@@ -98,8 +132,8 @@ class ModelSpec(Strict):
             raise ValueError("give 'path' or 'from'")
         if self.gguf_file is not None and (self.path is None or self.path.startswith("builtin:")):
             raise ValueError("gguf_file needs 'path': the folder that holds the file")
-        if self.path == "builtin:tiny" and self.tokenizer not in (None, "builtin:bytes", "builtin:world"):
-            raise ValueError("path builtin:tiny goes with a built-in tokenizer (builtin:bytes or builtin:world)")
+        if self.path == "builtin:tiny" and self.tokenizer not in (None, *builtin_tokenizers()):
+            raise ValueError(f"path builtin:tiny goes with a built-in tokenizer ({' or '.join(builtin_tokenizers())})")
         if self.path is not None and refs and not _only_previous_round(refs):
             raise ValueError("give exactly one of 'path' and 'from' (a path may only back up 'prev.' references)")
         if _only_previous_round(refs) and self.path is None:

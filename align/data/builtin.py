@@ -3,21 +3,18 @@
 ``chat``: short single- and two-turn chats a model of a few million parameters can learn on a CPU in
 a minute: small arithmetic, word reversal, upper-casing, letter counting, and a follow-up turn.
 
-``world``, ``world_chat`` (more like real chat data: some long dialogues, instruction combinations in a
-system or user turn) and ``world_dialogues`` (12 turns, the user turns of Ghost Attention) (SFT), ``world_helpful``
-/ ``world_safety`` / ``world`` (preference) and ``world`` / ``world_eval`` (prompts): the built-in world
-with gold judges, see :mod:`eval.world`.
+Plug-ins add theirs by name (:mod:`align.plugins`): the built-in world's ``world``, ``world_chat``,
+``world_dialogues`` (SFT), ``world``, ``world_helpful``, ``world_safety`` (preference) and ``world``,
+``world_eval`` (prompts), see :mod:`world.plugin`. The tables below hold both, align's first.
 """
 
 from __future__ import annotations
 
 import random
-from functools import partial
+from collections.abc import Callable, Iterator, Mapping
 
+from align import plugins
 from data_schemas import Message, PreferenceRecord, SFTRecord
-from eval.world import eval_prompt_records, preference_records, prompt_records, sft_records
-from eval.world_chats import chat_records as world_chat_records
-from eval.world_chats import dialogue_records
 
 _WORDS = (
     "apple river stone cloud tiger lemon piano rocket garden silver window candle forest button "
@@ -59,11 +56,6 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     return records
 
 
-def world_preference_records(n: int, seed: int = 0):
-    """Both domains: helpfulness records first, then safety (half each)."""
-    return preference_records(n - n // 2, seed, "helpfulness") + preference_records(n // 2, seed, "safety")
-
-
 def chat_preference_records(n: int, seed: int = 0) -> list[PreferenceRecord]:
     """``builtin: chat`` preferences: a built-in chat task with 3 ranked answers: the right one, an
     abstention, and the (wrong) answer to another task."""
@@ -82,12 +74,26 @@ def chat_preference_records(n: int, seed: int = 0) -> list[PreferenceRecord]:
     return out
 
 
-BUILTIN_SFT = {"chat": chat_records, "world": sft_records, "world_chat": world_chat_records,
-               "world_dialogues": dialogue_records}
-BUILTIN_PREFERENCE = {  # name -> fn(n, seed) -> list[PreferenceRecord]
-    "chat": chat_preference_records,
-    "world": world_preference_records,
-    "world_helpful": partial(preference_records, domain="helpfulness"),
-    "world_safety": partial(preference_records, domain="safety"),
-}
-BUILTIN_PROMPTS = {"world": prompt_records, "world_eval": eval_prompt_records}  # -> list[PromptRecord]
+class BuiltinSets(Mapping):
+    """name -> fn(n, seed) -> records: align's own sets, then the plug-ins' of ``kind`` (imported when used)."""
+
+    def __init__(self, kind: str, own: dict[str, Callable]):
+        self.kind, self.own = kind, own
+
+    def __getitem__(self, name: str) -> Callable:
+        if name in self.own:
+            return self.own[name]
+        if name in plugins.names(self.kind):
+            return plugins.load(self.kind, name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self.own) + [n for n in plugins.names(self.kind) if n not in self.own])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
+BUILTIN_SFT = BuiltinSets("sft", {"chat": chat_records})  # -> list[SFTRecord]
+BUILTIN_PREFERENCE = BuiltinSets("preferences", {"chat": chat_preference_records})  # -> list[PreferenceRecord]
+BUILTIN_PROMPTS = BuiltinSets("prompts", {})  # -> list[PromptRecord]

@@ -64,20 +64,22 @@ def build_byte_tokenizer(model_max_length: int = 4096):
 
 
 def build_builtin_tokenizer(name: str = "builtin:bytes"):
-    """A built-in tokenizer by its recipe name: ``builtin:bytes`` (above) or ``builtin:world``
-    (:mod:`align.data.world_tokenizer`), both made locally."""
+    """A built-in tokenizer by its recipe name: ``builtin:bytes`` (above) or a plug-in's ``builtin:NAME``
+    (:mod:`align.plugins`; the built-in world's ``builtin:world``), made locally."""
     if name == "builtin:bytes":
         return build_byte_tokenizer()
-    if name == "builtin:world":
-        from align.data.world_tokenizer import build_world_tokenizer
+    from align import plugins
 
-        return build_world_tokenizer()
-    raise ValueError(f"no built-in tokenizer {name!r} (builtin:bytes or builtin:world)")
+    plugin = name.removeprefix("builtin:")
+    if name.startswith("builtin:") and plugin in plugins.names("tokenizer"):
+        return plugins.load("tokenizer", plugin)()
+    known = ", ".join(["builtin:bytes", *(f"builtin:{n}" for n in plugins.names("tokenizer"))])
+    raise ValueError(f"no built-in tokenizer {name!r} ({known})")
 
 
 def llama3_chat_tokenizer(core, model_max_length: int = 4096):
     """A ``tokenizers.Tokenizer`` as an HF fast tokenizer with the Llama 3 special tokens and chat template
-    (the built-in tokenizers: ``builtin:bytes`` above, ``builtin:world`` in ``align.data.world_tokenizer``)."""
+    (the built-in tokenizers: ``builtin:bytes`` above, the built-in world's ``builtin:world``)."""
     from transformers import PreTrainedTokenizerFast
 
     tok = PreTrainedTokenizerFast(

@@ -9,6 +9,7 @@ Two layouts, both exact (no token attends across examples):
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +19,27 @@ import torch
 from align.data.chat import TokenizedChat
 
 
+class MovesToDevice:
+    """``batch.to(device)`` for a batch dataclass: every tensor field is moved, and so is every field that
+    is itself a dataclass (e.g. a ``SharedPromptBatch`` inside a DPO batch), recursively; None and other
+    values stay. In place; returns the batch (``make_batch(...).to(device)``)."""
+
+    def to(self, device):
+        return _move_tensors(self, device)
+
+
+def _move_tensors(batch, device):
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            setattr(batch, f.name, value.to(device))
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            _move_tensors(value, device)
+    return batch
+
+
 @dataclass
-class TokenBatch:
+class TokenBatch(MovesToDevice):
     input_ids: torch.Tensor  # (B, T)
     position_ids: torch.Tensor  # (B, T)
     attention_mask: torch.Tensor | None  # (B, T) bool, or None for a packed row

@@ -15,6 +15,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from align import plugins
 from align.config.gatt import InstructionPool
 from data_schemas import Message, SFTRecord
 
@@ -27,25 +28,20 @@ class DialoguePlan:
     names: list[str]  # what was combined, e.g. ["upper", "end_word:done"]
 
 
-def world_instruction_pool() -> list[tuple[str, list[str]]]:
-    """(text, names) of every instruction combination of the built-in world that training may use: the
-    combinations the multi-turn evaluation holds out are left out."""
-    from eval.instruction_retention import combination_split, combination_text, instruction_combinations
-
-    pool = []
-    for combo in instruction_combinations():
-        if combination_split(combo) == "train":
-            pool.append((combination_text(combo), [f"{i.kind}:{i.arg}" if i.arg else i.kind for i in combo]))
-    return pool
+def builtin_instructions(name: str) -> list[tuple[str, list[str]]]:
+    """(text, names) of every instruction of a plug-in's pool (:mod:`align.plugins`; ``world``: the built-in
+    world's combinations that training may use, those the multi-turn evaluation holds out left out)."""
+    return plugins.load("instructions", name)()
 
 
-def draw_instruction(pool: InstructionPool, rng: random.Random, world: list | None = None) -> tuple[str, str, list[str]]:
-    """-> (full text, kept text, names) of one instruction."""
-    if pool.builtin == "world":
-        choices = [(t, n) for t, n in (world if world is not None else world_instruction_pool())
+def draw_instruction(pool: InstructionPool, rng: random.Random,
+                     builtin: list | None = None) -> tuple[str, str, list[str]]:
+    """-> (full text, kept text, names) of one instruction (``builtin``: the pool's list, when read already)."""
+    if pool.builtin is not None:
+        choices = [(t, n) for t, n in (builtin if builtin is not None else builtin_instructions(pool.builtin))
                    if len(n) <= pool.max_combined]
         text, names = rng.choice(choices)
-        return text, text, names  # the world's judge reads the full form only: never shortened
+        return text, text, names  # a plug-in's judge reads the full form only: never shortened
     groups = rng.sample(pool.groups, rng.randint(1, min(pool.max_combined, len(pool.groups))))
     options = [rng.choice(g.options) for g in groups]
     full = " ".join(g.text.format(option=o) for g, o in zip(groups, options, strict=True))
@@ -59,14 +55,14 @@ def plan_dialogues(records: Sequence[SFTRecord], pool: InstructionPool, min_turn
                    seed: int) -> list[DialoguePlan]:
     """One plan per source chat with at least ``min_turns`` user turns (others are skipped)."""
     rng = random.Random(f"gatt:{seed}")
-    world = world_instruction_pool() if pool.builtin == "world" else None
+    builtin = builtin_instructions(pool.builtin) if pool.builtin is not None else None
     plans = []
     for record in records:
         users = [m.content for m in record.messages if m.role == "user"]
         if len(users) < min_turns:
             continue
         n = rng.randint(min_turns, min(max_turns, len(users)))
-        full, kept, names = draw_instruction(pool, rng, world)
+        full, kept, names = draw_instruction(pool, rng, builtin)
         plans.append(DialoguePlan(users=users[:n], instruction=full, kept=kept, names=names))
     return plans
 

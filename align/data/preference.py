@@ -16,7 +16,12 @@ Hygiene, counted in :class:`PreferenceData`: a pair whose two responses have the
 model sees them: tokenized and cut to ``max_length``) carries no preference (its DPO loss is log 2 whatever
 the weights), so it is dropped (``identical_pairs``); a record left with no pair is dropped with it.
 Responses cut at ``max_length`` are counted (``truncated``); responses the tokenizer would merge with the
-end of the prompt are tokenized from the text boundary (``boundary_adjusted``, see :func:`tokenize_response`).
+end of the prompt are tokenized from the text boundary (``boundary_adjusted``). Token ids, the template masks
+and those counts come from :func:`align.data.encode.encode_preference` (the reward model's encoder too), with
+DPO's truncation (``"cut_end"``: the prompt is kept whole, responses lose their end).
+
+:func:`load_preferences` returns every record; the stages split them with
+:func:`align.data.sources.split_by_prompt`.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ import torch
 
 from align.config.specs import DataSpec
 from align.data.builtin import BUILTIN_PREFERENCE
-from align.data.chat import ChatFormatError, assistant_char_spans
+from align.data.collate import MovesToDevice
+from align.data.encode import encode_preference
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import gather, split_by_prompt, subset
+from align.data.sources import gather, subset
 from data_schemas import PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
@@ -65,11 +71,11 @@ class PreferenceData:
         return sum(len(ex.pairs) for ex in self.examples)
 
 
-def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> tuple[list, list]:
-    """-> (train, eval) lists of PreferenceRecord from files, an earlier stage's pairs, or a built-in set
-    (``chat``, or the world's ``world``, ``world_helpful``, ``world_safety``)."""
-    records = subset(gather(BUILTIN_PREFERENCE, spec, paths, "preference", seed, "preference"), spec, seed)
-    return split_by_prompt(records, spec.eval_fraction, seed)
+def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> list[PreferenceRecord]:
+    """Every PreferenceRecord of the files, an earlier stage's pairs, or a built-in set (``chat``, or the
+    world's ``world``, ``world_helpful``, ``world_safety``), after ``limit`` / ``sample``; no held-out
+    split (the stages split by prompt: :func:`align.data.sources.split_by_prompt`)."""
+    return subset(gather(BUILTIN_PREFERENCE, spec, paths, "preference", seed, "preference"), spec, seed)
 
 
 def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[tuple[int, int]]]:
@@ -81,67 +87,23 @@ def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[t
     raise ValueError(f"unknown pairs mode {mode!r}")
 
 
-def tokenize_response(
-    tokenizer, prompt: Sequence, response, split: bool = False,
-) -> tuple[list[int], list[int], list[bool], bool]:
-    """(prompt ids ending with the assistant header, response ids, template_mask, split at the text
-    boundary) for one response.
-
-    ``template_mask`` is True on response tokens the chat template emitted rather than the content. The
-    conversation is tokenized as a whole; when a token spans the end of the prompt and the start of the
-    response (ChatML's ``assistant\n`` before a response that starts with spaces), or with ``split``, the
-    prompt text and the response text are tokenized apart, from the text boundary, as TRL does and as the
-    reward model does (``rewards.encoding``); the last value says so.
-    """
-    text, spans = assistant_char_spans(tokenizer, [*prompt, response])
-    start, end = spans[-1]
-    content = (response["content"] if isinstance(response, dict) else response.content).strip()
-    at = text.find(content, start, end) if content else -1
-    content_span = (at, at + len(content)) if at >= 0 else None
-
-    def encode(piece: str, shift: int) -> list[tuple[int, int, int]]:  # (id, start, end) in ``text``
-        enc = tokenizer(piece, add_special_tokens=False, return_offsets_mapping=True)
-        return [(tok, s + shift, e + shift) for tok, (s, e) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
-
-    tokens = [] if split else encode(text[:end], 0)
-    split = split or any(s < start < e for _, s, e in tokens)
-    if split:
-        tokens = encode(text[:start], 0) + encode(text[start:end], start)
-    prompt_ids, response_ids, template = [], [], []
-    for tok, s, _ in tokens:
-        if s < start:  # no token spans ``start`` here: those are split above
-            prompt_ids.append(tok)
-        elif s < end:
-            response_ids.append(tok)
-            template.append(content_span is None or not (content_span[0] <= s < content_span[1]))
-    return prompt_ids, response_ids, template, split
-
-
 def tokenize_preference(
     tokenizer, record: PreferenceRecord, formatting_ids: frozenset[int], max_length: int, pairs: PairsMode,
 ) -> tuple[PreferenceExample | None, int, int]:
     """-> (example or None when the prompt alone fills ``max_length``, id-only fallbacks, responses split
-    at the text boundary).
+    at the text boundary), both counted over the responses ``pairs`` keeps.
 
-    Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped). When one
-    response of a record must be split at the text boundary, all of them are, so they share the prompt ids."""
+    Each prompt + response is cut to ``max_length`` tokens (the response's end is dropped)."""
     keep, pair_idx = select_pairs(len(record.responses), pairs)
-    encoded = [tokenize_response(tokenizer, record.prompt, record.responses[k]) for k in keep]
-    if any(split for *_, split in encoded) and len({tuple(p) for p, *_ in encoded}) > 1:
-        encoded = [tokenize_response(tokenizer, record.prompt, record.responses[k], split=True) for k in keep]
-    prompt_ids, responses, masks, fallbacks, truncated = encoded[0][0], [], [], 0, 0
-    splits = sum(split for *_, split in encoded)
-    for p_ids, r_ids, template, _ in encoded:
-        if p_ids != prompt_ids:
-            raise ChatFormatError("the prompt tokenizes differently for two responses of one record")
-        fallbacks += all(template)
-        room = max_length - len(prompt_ids)
-        if room <= 0:
-            return None, fallbacks, splits
-        responses.append(r_ids[:room])
-        masks.append([not (t and i in formatting_ids) for i, t in zip(r_ids[:room], template[:room], strict=True)])
-        truncated += len(r_ids) > room
-    return PreferenceExample(prompt_ids, responses, masks, pair_idx, truncated), fallbacks, splits
+    encoded, counts = encode_preference(tokenizer, record, keep=keep, max_length=max_length,
+                                        truncation="cut_end", template_masks=True)
+    if encoded is None:
+        return None, counts.mask_id_fallbacks, counts.boundary_adjusted
+    masks = [[not (t and i in formatting_ids) for i, t in zip(ids, template, strict=True)]
+             for ids, template in zip(encoded.responses, encoded.template_masks, strict=True)]
+    example = PreferenceExample(encoded.prompt_ids, encoded.responses, masks, pair_idx,
+                                counts.truncated_responses)
+    return example, counts.mask_id_fallbacks, counts.boundary_adjusted
 
 
 def drop_identical_pairs(example: PreferenceExample) -> tuple[PreferenceExample | None, int]:
@@ -181,7 +143,7 @@ def tokenize_preferences(tokenizer, records, formatting_ids, max_length, pairs) 
 
 
 @dataclass
-class PairBatch:
+class PairBatch(MovesToDevice):
     tokens: SharedPromptBatch  # one row per record; responses numbered 0..R-1 over the batch
     dpo_mask: torch.Tensor  # (N,) bool, aligned with tokens.targets: counts in the DPO sums
     chosen: torch.Tensor  # (P,) response index of each pair's chosen response
@@ -207,16 +169,6 @@ class PairBatch:
 
     def model_inputs(self) -> tuple:
         return self.tokens.model_inputs()
-
-    def to(self, device) -> PairBatch:
-        t = self.tokens
-        for name in ("input_ids", "position_ids", "attention_mask", "index", "targets", "owner", "last_index"):
-            setattr(t, name, getattr(t, name).to(device))
-        for name in ("dpo_mask", "chosen", "rejected", "ref_logps"):
-            value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, value.to(device))
-        return self
 
 
 def collate_pairs(

@@ -1,8 +1,9 @@
 """Ranked preference records for the reward model: domain selection, data hygiene, margins, and one
 shared-prompt row per record (the prompt once, then every ranked response; see ``shared_prompt``).
 
-Token ids follow ``rewards.encoding`` (the rule ``rewards.scoring.RewardScorer`` scores with), so a
-response's ids in its packed row are exactly those of a row of its own.
+Token ids come from :func:`align.data.encode.encode_preference` (DPO's encoder too) with the reward model's
+truncation (``"keep_final"``: ``rewards.encoding``'s rule, the one ``rewards.scoring.RewardScorer`` scores
+with), so a response's ids in its packed row are exactly those of a row of its own.
 
 The held-out split is by prompt (:func:`align.data.sources.split_by_prompt`).
 
@@ -16,7 +17,8 @@ Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metr
 Identical responses (:func:`tokenize_ranked_records`, both splits): a response whose ids (tokenized and
 truncated, as the model sees them) equal those of a better-ranked response of the same record is dropped,
 so only the pairs between identical responses go (they carry no preference, and tie in the held-out
-accuracy); a record left with fewer than 2 responses is dropped. Truncated prompts and responses are counted.
+accuracy); a record left with fewer than 2 responses is dropped. Truncated prompts and responses, and
+responses tokenized apart from their prompt (``boundary_adjusted``), are counted.
 """
 
 from __future__ import annotations
@@ -27,10 +29,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from align.data.collate import MovesToDevice
+from align.data.encode import EncodeCounts, encode_preference
 from align.data.shared_prompt import SharedPromptBatch, SharedPromptRow, build_row, collate_shared
 from align.losses.reward import MARGIN_TABLES
 from data_schemas import STRENGTHS, DataError, PreferenceRecord
-from rewards.encoding import encode_prompt, encode_response, truncate
 
 MarginSpec = str | dict[str, float]  # a MARGIN_TABLES name, "column", or strength -> margin
 
@@ -108,13 +111,12 @@ class RankedExample:
         return len(self.row.spans)
 
 
-def _encode(tokenizer, record: PreferenceRecord, max_length: int | None, max_prompt_length: int | None):
-    """-> (prompt ids, response ids) truncated, and (prompt truncated, responses truncated)."""
-    encoded = encode_prompt(tokenizer, record.prompt)
-    full = [encode_response(tokenizer, record.prompt, r, encoded) for r in record.responses]
-    prompt_ids, responses = truncate(encoded[1], full, max_length, max_prompt_length)
-    cut = sum(len(a) != len(b) for a, b in zip(full, responses, strict=True))
-    return prompt_ids, responses, (len(prompt_ids) < len(encoded[1]), cut)
+def _encode(tokenizer, record: PreferenceRecord, max_length: int | None,
+            max_prompt_length: int | None) -> tuple[list[int], list[list[int]], EncodeCounts]:
+    """-> (prompt ids, response ids) truncated, and what was counted."""
+    encoded, counts = encode_preference(tokenizer, record, max_length=max_length, truncation="keep_final",
+                                        max_prompt_length=max_prompt_length)
+    return encoded.prompt_ids, encoded.responses, counts
 
 
 def tokenize_ranked(
@@ -133,6 +135,7 @@ class RankedData:
     identical_records: int = 0  # records left with fewer than 2 distinct responses (dropped)
     truncated_prompts: int = 0
     truncated_responses: int = 0
+    boundary_adjusted: int = 0  # responses tokenized apart from their prompt (merged at the boundary)
 
     @property
     def num_pairs(self) -> int:
@@ -146,9 +149,10 @@ def tokenize_ranked_records(
     """Tokenize ``records`` (:func:`tokenize_ranked`), dropping identical responses (module docstring)."""
     data = RankedData()
     for record in records:
-        prompt_ids, responses, (prompt_cut, cut) = _encode(tokenizer, record, max_length, max_prompt_length)
-        data.truncated_prompts += prompt_cut
-        data.truncated_responses += cut
+        prompt_ids, responses, counts = _encode(tokenizer, record, max_length, max_prompt_length)
+        data.truncated_prompts += counts.truncated_prompts
+        data.truncated_responses += counts.truncated_responses
+        data.boundary_adjusted += counts.boundary_adjusted
         keep = []
         for k, ids in enumerate(responses):
             same = sum(ids == responses[j] for j in range(k))
@@ -167,7 +171,7 @@ def tokenize_ranked_records(
 
 
 @dataclass
-class RankedBatch:
+class RankedBatch(MovesToDevice):
     rows: SharedPromptBatch  # one row per prompt; responses numbered 0..R-1 over the batch
     margins: torch.Tensor  # (P,) one margin per prompt
 
@@ -192,14 +196,37 @@ class RankedBatch:
         r = self.rows
         return r.input_ids, r.position_ids, r.attention_mask, r.last_index
 
-    def to(self, device) -> RankedBatch:
-        r = self.rows
-        for name in ("input_ids", "position_ids", "attention_mask", "last_index"):
-            setattr(r, name, getattr(r, name).to(device))
-        self.margins = self.margins.to(device)
-        return self
-
 
 def collate_ranked(examples: Sequence[RankedExample], pad_id: int, dtype=torch.float32) -> RankedBatch:
     rows = collate_shared([ex.row for ex in examples], pad_id, dtype)
     return RankedBatch(rows, torch.tensor([ex.margin for ex in examples], dtype=torch.float32))
+
+
+def write_scored_records(path, records, scores) -> None:
+    """``records`` (prompt, responses, strength, domain) with their ``scores``, one JSON line each."""
+    import json
+
+    with path.open("w") as f:
+        for record, s in zip(records, scores, strict=True):
+            row = record.model_dump(mode="json", include={"prompt", "responses", "strength", "domain"})
+            f.write(json.dumps({**row, "scores": s}) + "\n")
+
+
+def encoding_counts(data: Sequence[RankedData]) -> dict[str, float]:
+    """What tokenizing the splits ``data`` dropped, cut or adjusted, summed over the splits."""
+    keys = ("identical_pairs", "boundary_adjusted", "truncated_prompts", "truncated_responses")
+    counts = {k: float(sum(getattr(d, k) for d in data)) for k in keys}
+    return {"identical_pairs_dropped": counts.pop("identical_pairs"), **counts}
+
+
+def encoding_notes(data: Sequence[RankedData], records: Sequence[PreferenceRecord], sources: str) -> list[str]:
+    """The stage log's lines about responses split at the prompt boundary and identical pairs dropped."""
+    counts = encoding_counts(data)
+    boundary, identical = int(counts["boundary_adjusted"]), int(counts["identical_pairs_dropped"])
+    notes = [f"{boundary} responses merge with the prompt's last token when tokenized together (e.g. leading "
+             "spaces after ChatML's header): split at the text boundary"] if boundary else []
+    if identical:
+        all_pairs = sum(len(r.responses) * (len(r.responses) - 1) // 2 for r in records)
+        notes.append(f"warning: dropped {identical} of {all_pairs} ranked pairs whose two responses are identical "
+                     f"(once tokenized and truncated; no preference to learn; the worse-ranked copy goes) in {sources}")
+    return notes

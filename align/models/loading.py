@@ -11,19 +11,18 @@ from pathlib import Path
 import torch
 
 from align.compat import enable_activation_checkpointing
-from align.config.specs import ModelSpec
+from align.config.specs import ModelSpec, builtin_tokenizers
 from align.data.chat import EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, build_builtin_tokenizer
 from align.models.gguf import hf_folder
 
 BUILTIN_MODEL = "builtin:tiny"
-BUILTIN_TOKENIZERS = ("builtin:bytes", "builtin:world")  # align.data.chat.build_builtin_tokenizer
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
 def load_tokenizer(spec: ModelSpec, model_path: str):
     """The tokenizer for ``spec``; adds the Llama 3 chat template (and its special tokens) if missing."""
     source = spec.tokenizer or hf_folder(spec, model_path)
-    if source == BUILTIN_MODEL or source in BUILTIN_TOKENIZERS:
+    if source == BUILTIN_MODEL or source in builtin_tokenizers():  # align.data.chat.build_builtin_tokenizer
         return build_builtin_tokenizer("builtin:bytes" if source == BUILTIN_MODEL else source)
     from transformers import AutoTokenizer
 

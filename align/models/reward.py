@@ -19,7 +19,10 @@ from torch import nn
 from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import PAD
+from align.data.collate import length_sorted_groups
+from align.data.ranking import collate_ranked
 from align.models.gguf import hf_folder
+from align.models.inference import no_grad_map
 from align.models.last_layer import hidden_at
 from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer, lora_config
 
@@ -145,3 +148,20 @@ def whiten_value_head(value_model, path: str, whiten: bool) -> None:
         head.weight.div_(stats.std)
         if getattr(head, "bias", None) is not None:
             head.bias.sub_(stats.mean).div_(stats.std)
+
+
+def score_ranked(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32):
+    """Scores of every ranked example's responses (best first), in order: list of lists of floats."""
+    out = [None] * len(examples)
+
+    def make_batch(group):
+        return collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
+
+    groups = length_sorted_groups([len(e) for e in examples], batch_size)
+    for group, (batch, scores) in zip(groups, no_grad_map(model, groups, make_batch,
+                                                         lambda m, b: m(*b.model_inputs())), strict=True):
+        flat = scores.tolist()
+        for i, n in zip(group, batch.responses_per_prompt, strict=True):
+            out[i] = flat[:n]
+            flat = flat[n:]
+    return out

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from align import plugins
 from align.config.reward import RewardSpec
 from align.config.specs import ModelSpec
 from rewards.combine import CombinedReward
-from rewards.gold import gold_reward
 from rewards.protocol import RewardFunction, as_rewards
 from rewards.scoring import ModelReward, RewardScorer
 
@@ -19,9 +19,10 @@ if TYPE_CHECKING:
 
 def build_reward(spec: RewardSpec, model_path: Callable[[ModelSpec], str]) -> RewardFunction:
     """Load the reward models ``spec`` names (``model_path`` resolves a spec to a folder or hub id,
-    e.g. ``StageContext.model_path``) and wrap them; ``function: gold`` loads nothing."""
-    if spec.function == "gold":
-        return gold_reward()
+    e.g. ``StageContext.model_path``) and wrap them; ``function`` (a plug-in's reward function by name, e.g.
+    the built-in world's ``gold``, or a dotted path) loads no model."""
+    if spec.function is not None:
+        return plugins.load("reward", spec.function)
     if spec.model is not None:
         scorer = RewardScorer.from_pretrained(model_path(spec.model))
         return ModelReward(scorer, whiten=spec.whiten, batch_size=spec.batch_size)

@@ -1,4 +1,5 @@
-"""Evaluation: generate on held-out prompts and report gold metrics, reward-model scores and KL.
+"""Evaluation: generate on held-out prompts and report the evaluators' metrics (by default the built-in
+world's gold metrics), reward-model scores and KL.
 
 ``kl_to_reference`` (:func:`align.models.kl.kl_to_reference`) is the per-token KL(policy || reference) over
 the full next-token distributions, summed over each response's tokens and averaged over prompts, along the
@@ -8,6 +9,7 @@ policy's own (evaluation) responses: deterministic for greedy decoding and never
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +19,7 @@ from align.config.evaluation import EvaluationStage, RetentionEval
 from align.config.sampling import SamplingParams
 from align.config.specs import ModelSpec, as_refs
 from align.data.sources import load_prompts
+from align.evaluators import Evaluator, evaluate_all, first_scores, load_evaluators
 from align.generation import make_generator
 from align.models.kl import kl_to_reference
 from align.models.loading import load_causal_lm, load_tokenizer
@@ -35,26 +38,24 @@ def _load(spec: ModelSpec, path: str, seed: int):
 def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec | None = None,
              reference_path: str | None = None, reference_spec: ModelSpec | None = None,
              reward_models: dict[str, str] | None = None, sampling: SamplingParams | None = None,
-             backend: str = "hf", gold: str = "auto", seed: int = 0, retention: RetentionEval | None = None,
-             out_dir: str | Path | None = None) -> tuple[dict, list[str]]:
+             backend: str = "hf", evaluators: Sequence[Evaluator] = (), seed: int = 0,
+             retention: RetentionEval | None = None, out_dir: str | Path | None = None) -> tuple[dict, list[str]]:
     """-> (metrics, responses). Runs one model at a time, so peak memory is one model.
 
-    ``retention``: also run the multi-turn instruction-retention evaluation
-    (:func:`align.stages.retention.evaluate_retention`; its files go to ``out_dir``)."""
-    from eval.world_eval import as_messages, is_world_prompts, world_metrics
-
+    ``evaluators`` (:mod:`align.evaluators`) judge the answers; ``retention``: also run the multi-turn
+    instruction-retention evaluation (:func:`align.stages.retention.evaluate_retention`; its files go to
+    ``out_dir``)."""
     spec = spec or ModelSpec(path=policy_path)
     sampling = sampling or SamplingParams(temperature=0.0, max_new_tokens=64, batch_size=32)
-    convs = [as_messages(p) for p in prompts]
+    convs = [_as_dicts(p.prompt) for p in prompts]
     # step 1: generate
     model, tokenizer = _load(spec, policy_path, seed)
     generator = make_generator("hf", model=model, tokenizer=tokenizer) if backend == "hf" \
         else make_generator("vllm", policy_path, tokenizer=tokenizer)
     responses = [s[0].text for s in generator.sample(convs, 1, sampling)]
     metrics: dict[str, float] = {}
-    # step 2: gold judge
-    if gold == "on" or (gold == "auto" and is_world_prompts(convs)):
-        metrics.update(world_metrics(convs, responses))
+    # step 2: the evaluators
+    metrics.update(evaluate_all(evaluators, convs, responses))
     metrics["response_length"] = sum(len(r) for r in responses) / max(len(responses), 1)
     metrics["empty_answers"] = float(sum(not r.strip() for r in responses))
     # step 2b: multi-turn instruction retention (built-in world dialogues, whatever the prompts)
@@ -84,25 +85,27 @@ def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:
     """1. prompts  2. generate, judge, KL, reward scores (see ``evaluate``)  3. write answers + metrics."""
     # step 1
     prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, PROMPT_SOURCES), seed=0)
+    evaluators = load_evaluators(stage.evaluators)
     # step 2
     reference = ctx.model_path(stage.reference) if stage.reference is not None else None
     metrics, responses = evaluate(
         ctx.model_path(stage.model), prompts, spec=stage.model, reference_path=reference,
         reference_spec=stage.reference,
         reward_models={n: ctx.model_path(s) for n, s in stage.reward_models.items()},
-        sampling=stage.sampling, backend=stage.backend, gold=stage.gold, seed=ctx.seed,
+        sampling=stage.sampling, backend=stage.backend, evaluators=evaluators, seed=ctx.seed,
         retention=stage.retention, out_dir=ctx.out_dir,
     )
     # step 3
-    write_jsonl(ctx.output(Artifact.SAMPLES), answers(prompts, responses, gold="gold_helpfulness" in metrics))
+    write_jsonl(ctx.output(Artifact.SAMPLES), answers(prompts, responses, evaluators))
     (Path(ctx.out_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
     # step 4
     if stage.snapshots:
-        metrics["snapshots"] = float(_evaluate_snapshots(stage, ctx, prompts, reference, metrics))
+        metrics["snapshots"] = float(_evaluate_snapshots(stage, ctx, prompts, reference, metrics, evaluators))
     return StageResult(metrics=metrics)
 
 
-def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, reference, final: dict) -> int:
+def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, reference, final: dict,
+                        evaluators: Sequence[Evaluator]) -> int:
     """Evaluate every snapshot of the policy's stage like the policy itself (no reward models, no
     retention) -> how many; writes ``snapshots.jsonl``: one row per snapshot by step, then the final
     policy's (its step: the stage's ``steps`` or ``iterations`` when it reports them)."""
@@ -113,7 +116,7 @@ def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, refe
     for step, folder in list_snapshots(ctx.model_path(stage.model)):
         m, _ = evaluate(str(folder), prompts, spec=stage.model, reference_path=reference,
                         reference_spec=stage.reference, sampling=stage.sampling, backend=stage.backend,
-                        gold=stage.gold, seed=ctx.seed)
+                        evaluators=evaluators, seed=ctx.seed)
         rows.append({"step": step, **m})
     upstream = next((ctx.upstream[r] for r in as_refs(stage.model.from_stage) if r in ctx.upstream), None)
     done = (upstream.metrics.get("steps") or upstream.metrics.get("iterations")) if upstream else None
@@ -123,11 +126,16 @@ def _evaluate_snapshots(stage: EvaluationStage, ctx: StageContext, prompts, refe
     return len(rows) - 1
 
 
-def answers(prompts: list[PromptRecord], responses: list[str], gold: bool) -> list[ScoredSample]:
-    """The answers as scored samples; ``score`` is the gold judge's when the prompts are world prompts.
-    Blank answers are left out (a sample's response is never empty; ``empty_answers`` counts them)."""
-    from rewards.gold import judge
+def answers(prompts: list[PromptRecord], responses: list[str],
+            evaluators: Sequence[Evaluator] = ()) -> list[ScoredSample]:
+    """The answers as scored samples; ``score`` is the first evaluator's that scores these prompts (the
+    world's gold score on world prompts; :func:`align.evaluators.first_scores`), else none. Blank answers
+    are left out (a sample's response is never empty; ``empty_answers`` counts them)."""
+    kept = [(p, r) for p, r in zip(prompts, responses, strict=True) if r.strip()]
+    scores = first_scores(evaluators, [p.prompt for p, _ in kept], [r for _, r in kept]) or [None] * len(kept)
+    return [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=r), score=s)
+            for (p, r), s in zip(kept, scores, strict=True)]
 
-    return [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=r),
-                         score=judge(p.prompt, r).score if gold else None)
-            for p, r in zip(prompts, responses, strict=True) if r.strip()]
+
+def _as_dicts(messages) -> list[dict]:
+    return [{"role": m.role, "content": m.content} for m in messages]

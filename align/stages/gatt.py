@@ -25,11 +25,12 @@ from align.config.base import Artifact
 from align.config.gatt import GattStage
 from align.data.gatt import as_seen, attach, gatt_record, plan_dialogues
 from align.data.sources import load_sft
+from align.evaluators import evaluate_turns, load_evaluators
 from align.generation import make_generator, policy_generator
 from align.generation.dialogue import roll_out
 from align.io_atomic import append_line, read_json_lines
 from align.runtime import StageContext, StageInputError, StageResult
-from data_schemas import Message, write_jsonl
+from data_schemas import Message, SFTRecord, write_jsonl
 
 
 def read_store(out_dir, batches: list[list[int]], turns: list[int], warn: bool = True) -> dict[int, list[list[str]]]:
@@ -105,7 +106,8 @@ def _best_of(stage: GattStage, ctx: StageContext):
 
 
 def run(stage: GattStage, ctx: StageContext) -> StageResult:
-    """1. plan the dialogues  2. answer them turn by turn (resumable, sharded)  3. write the SFT records."""
+    """1. plan the dialogues  2. answer them turn by turn (resumable, sharded)  3. write the SFT records
+    4. metrics, with the stage's evaluators' (each answer judged on what the model saw)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not _cuda())
@@ -114,6 +116,7 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     plans = plan_dialogues(records + held, stage.instructions, stage.min_turns, stage.max_turns, ctx.seed)
     if not plans:
         raise StageInputError(f"stage '{stage.name}': no dialogue has {stage.min_turns} or more user turns")
+    evaluators = load_evaluators(stage.evaluators)
     size = stage.sampling.batch_size
     batches = [list(range(i, min(i + size, len(plans)))) for i in range(0, len(plans), size)]
     # step 2
@@ -123,6 +126,23 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return StageResult()
+    answers = gather_answers(stage, ctx, plans, batches)
+    # step 3
+    out, counts = build_records(stage, ctx, plans, answers)
+    write_jsonl(ctx.output(Artifact.SFT_RECORDS), out)
+    # step 4
+    metrics = {"dialogues": len(plans), "records": len(out), **counts,
+               "turns_mean": sum(len(p.users) for p in plans) / len(plans), "answers_generated": answered}
+    if answered:
+        metrics["answers_per_s"] = answered / max(seconds, 1e-9)
+    if evaluators:
+        seen, texts, _ = _turns(plans, answers)
+        metrics.update(evaluate_turns(evaluators, seen, texts))
+    return StageResult(metrics=metrics)
+
+
+def gather_answers(stage: GattStage, ctx: StageContext, plans, batches) -> list[list[str]]:
+    """Every dialogue's answers from the store (every batch must be there)."""
     store = read_store(ctx.out_dir, batches, [len(p.users) for p in plans], warn=False)
     missing = [b for b in range(len(batches)) if b not in store]
     if missing:
@@ -131,8 +151,13 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     for b, batch_answers in store.items():
         for i, a in zip(batches[b], batch_answers, strict=True):
             answers[i] = a
-    # step 3: a dialogue with an empty answer cannot be a training record (the schema refuses empty turns);
-    # with min_score, one whose last answer (loss_on passing: every answer) scores below it is left out
+    return answers
+
+
+def build_records(stage: GattStage, ctx: StageContext, plans, answers) -> tuple[list[SFTRecord], dict[str, int]]:
+    """The training records and what was left out. A dialogue with an empty answer cannot be a training
+    record (the schema refuses empty turns); with min_score, one whose last answer (loss_on passing: every
+    answer) scores below it is left out."""
     scores = _answer_scores(stage, ctx, plans, answers) if stage.min_score is not None else None
     out, empty, low, trained = [], 0, 0, 0
     for i, (plan, a) in enumerate(zip(plans, answers, strict=True)):
@@ -149,50 +174,31 @@ def run(stage: GattStage, ctx: StageContext) -> StageResult:
     if not out:
         raise StageInputError(f"stage '{stage.name}': no dialogue left ({empty} with an empty answer, {low} whose "
                               "last answer scored below min_score); check the model and min_score")
-    write_jsonl(ctx.output(Artifact.SFT_RECORDS), out)
-    metrics = {"dialogues": len(plans), "records": len(out), "dropped_empty_answer": empty,
-               "dropped_below_min_score": low, "trained_answers": trained,
-               "turns_mean": sum(len(p.users) for p in plans) / len(plans), "answers_generated": answered}
-    if answered:
-        metrics["answers_per_s"] = answered / max(seconds, 1e-9)
-    if stage.report_gold:
-        metrics.update(_gold_metrics(plans, answers))
-    return StageResult(metrics=metrics)
+    return out, {"dropped_empty_answer": empty, "dropped_below_min_score": low, "trained_answers": trained}
 
 
-def _answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[list[float]]:
-    """The reward of every answer, each on the dialogue as the model saw it when answering."""
-    from align.models.reward_fn import build_reward
-
+def _turns(plans, answers) -> tuple[list[list[dict]], list[str], list[int]]:
+    """Every answer with the messages the model saw when it wrote it (the instruction before every user
+    message), and the index of its dialogue."""
     prompts, texts, owner = [], [], []
     for i, (plan, dialogue) in enumerate(zip(plans, answers, strict=True)):
         for seen, answer in as_seen(plan, dialogue):
             prompts.append(seen)
             texts.append(answer)
             owner.append(i)
+    return prompts, texts, owner
+
+
+def _answer_scores(stage: GattStage, ctx: StageContext, plans, answers) -> list[list[float]]:
+    """The reward of every answer, each on the dialogue as the model saw it when answering."""
+    from align.models.reward_fn import build_reward
+
+    prompts, texts, owner = _turns(plans, answers)
     flat = build_reward(stage.reward, ctx.model_path)(prompts, texts, [False] * len(texts)).tolist() if texts else []
     scores: list[list[float]] = [[] for _ in plans]
     for i, x in zip(owner, flat, strict=True):
         scores[i].append(x)
     return scores
-
-
-def _gold_metrics(plans, answers) -> dict:
-    """The written answers under the built-in world's judge, each judged on what the model saw (the
-    instruction before every user message): instruction followed, task answered correctly."""
-    from rewards.gold import judge
-
-    followed, correct = [], []
-    for plan, dialogue in zip(plans, answers, strict=True):
-        for seen, answer in as_seen(plan, dialogue):
-            try:
-                j = judge(seen, answer)
-            except ValueError:  # not a world question
-                return {}
-            followed.append(bool(j.instruction_ok))
-            correct.append(j.kind in ("correct", "refusal_ok"))
-    n = max(len(followed), 1)
-    return {"gold_instruction_following": sum(followed) / n, "gold_task_accuracy": sum(correct) / n}
 
 
 def _cuda() -> bool:

@@ -23,6 +23,9 @@ def add_command(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generate call (default 32)")
+    p.add_argument("--evaluator", action="append", metavar="NAME",
+                   help="an evaluator of the answers: a plug-in's name or package.module:name (repeatable; "
+                   "default: world, the built-in world's gold judge)")
     p.add_argument("--out", help="also write the answers to this JSONL file")
     p.set_defaults(func=_cmd_policy)
 
@@ -31,6 +34,7 @@ def _cmd_policy(args) -> int:
     from align.config.sampling import SamplingParams
     from align.config.specs import DataSpec
     from align.data.sources import load_prompts
+    from align.evaluators import load_evaluators
     from align.stages.evaluation import answers, evaluate
     from data_schemas import write_jsonl
 
@@ -39,10 +43,11 @@ def _cmd_policy(args) -> int:
     rms = dict(item.split("=", 1) for item in args.reward_model)
     sampling = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                               batch_size=args.batch_size)
+    evaluators = load_evaluators(args.evaluator or ["world"])
     metrics, responses = evaluate(args.model, prompts, reference_path=args.reference, reward_models=rms,
-                                  sampling=sampling)
+                                  sampling=sampling, evaluators=evaluators)
     if args.out:
-        write_jsonl(args.out, answers(prompts, responses, gold="gold_helpfulness" in metrics))
+        write_jsonl(args.out, answers(prompts, responses, evaluators))
     for k, v in metrics.items():
         print(f"{k:>28}: {v:.4f}")
     print(json.dumps(metrics))

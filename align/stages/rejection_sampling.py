@@ -17,11 +17,13 @@ import gc
 import json
 import time
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.rejection_sampling import RejectionSamplingStage
 from align.data.sources import load_prompts
+from align.evaluators import evaluate_samples, load_evaluators
 from align.generation import make_generator, policy_generator
 from align.io_atomic import append_line, read_json_lines
 from align.models.reward_fn import build_reward, score_and_count
@@ -114,9 +116,34 @@ def _previous_pools(stage: RejectionSamplingStage, ctx: StageContext) -> dict[st
     return pools
 
 
+@dataclass
+class Samples:
+    """Every prompt's samples once generation is complete (lists by prompt index)."""
+
+    texts: list[list[str]]  # this round's samples (without the unfinished ones under drop_unfinished)
+    finish: list[list[str]]  # the finish reason of every sample as generated ("stop", "length")
+    cut: list[set[str]]  # this round's samples that never ended (cut at max_new_tokens); pools count as ended
+    unfinished: int  # samples left out by drop_unfinished
+    candidates: list[list[str]]  # what the best is chosen from: texts + earlier rounds' pools, distinct, non-blank
+
+
+@dataclass
+class Kept:
+    """What step 4 keeps: records to write and the scores behind them."""
+
+    sft: list[SFTRecord] = field(default_factory=list)
+    pairs: list[PreferenceRecord] = field(default_factory=list)
+    samples: list[ScoredSample] = field(default_factory=list)
+    answers: list[str | None] = field(default_factory=list)  # by prompt: the kept answer (None: no candidate)
+    best_scores: list[float] = field(default_factory=list)
+    mean_scores: list[float] = field(default_factory=list)
+    first_scores: list[float] = field(default_factory=list)
+
+
 def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     """1. prompts  2. generate the missing batches (resumable, sharded)  3. gather and score
-    4. keep the best (optionally over earlier rounds' pools)  5. write SFT records, pairs, samples."""
+    4. keep the best (optionally over earlier rounds' pools)  5. write SFT records, pairs, samples
+    6. metrics, with the stage's evaluators'."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=not _cuda())
@@ -124,6 +151,7 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     prompts = load_prompts(stage.prompts, ctx.data_paths(stage.prompts, PROMPT_SOURCES), ctx.seed)
     if not prompts:
         raise StageInputError(f"stage '{stage.name}': no prompts")
+    evaluators = load_evaluators(stage.evaluators)
     # step 2
     t0 = time.perf_counter()
     generated = generate_missing(stage, ctx, prompts, accelerator)
@@ -132,6 +160,28 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     if not accelerator.is_main_process:
         return StageResult()
     # step 3
+    samples = gather_samples(stage, ctx, prompts)
+    scores, untagged, by_safety = score_candidates(stage, ctx, prompts, samples.candidates)
+    # step 4
+    kept = keep_best(stage, ctx, prompts, samples, scores)
+    # step 5
+    write_jsonl(ctx.output(Artifact.SFT_RECORDS), kept.sft)
+    if stage.write_pairs:
+        write_jsonl(ctx.output(Artifact.PREFERENCES), kept.pairs)
+    write_jsonl(ctx.output(Artifact.SAMPLES), kept.samples)
+    # step 6
+    metrics = _metrics(prompts, samples, kept, generated)
+    if untagged:  # the Helpfulness + Safety combination: how often the safety model scored a helpfulness prompt
+        metrics["safety_scored_share"] = by_safety / untagged
+    if generated:
+        metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
+    metrics.update(evaluate_samples(evaluators, [p.prompt for p in prompts], samples.texts, kept.answers))
+    return StageResult(metrics=metrics)
+
+
+def gather_samples(stage: RejectionSamplingStage, ctx: StageContext, prompts) -> Samples:
+    """Every batch's samples from the store (all of them must be there), earlier rounds' pools, and the
+    candidates of each prompt."""
     batches = _batches(stage, prompts)
     store = read_store(ctx.out_dir, batches, warn=False)  # warned while generating
     missing = [b for b in range(len(batches)) if b not in store]
@@ -144,7 +194,6 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         for i, ss, ff in zip(row["prompts"], row["samples"], row["finish"], strict=True):
             texts[i], finish[i] = ss, ff
     pools = _previous_pools(stage, ctx) if stage.pool_previous_rounds else {}
-    # this round's texts never ended by the termination token (cut at max_new_tokens); pools count as ended
     cut = [set(tt) - {t for t, f in zip(tt, ff, strict=True) if f == "stop"} for tt, ff in zip(texts, finish, strict=True)]
     unfinished = 0
     if stage.drop_unfinished:
@@ -152,6 +201,13 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         texts = [[t for t in tt if t not in c] for tt, c in zip(texts, cut, strict=True)]
     candidates = [list(dict.fromkeys([t for t in texts[i] + pools.get(_prompt_key(p.prompt), []) if t.strip()]))
                   for i, p in enumerate(prompts)]
+    return Samples(texts=texts, finish=finish, cut=cut, unfinished=unfinished, candidates=candidates)
+
+
+def score_candidates(stage: RejectionSamplingStage, ctx: StageContext, prompts,
+                     candidates: list[list[str]]) -> tuple[list[list[float]], int, int]:
+    """-> (the reward of every candidate, by prompt; untagged samples and how many the safety model scored,
+    see :func:`align.models.reward_fn.score_and_count`)."""
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
     flat_texts = [t for c in candidates for t in c]
     reward = build_reward(stage.reward, ctx.model_path)
@@ -160,68 +216,57 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         scored, untagged, by_safety = score_and_count(reward, [r.prompt for r in flat_records], flat_texts,
                                                       [r.is_safety for r in flat_records])
         flat_scores = scored.tolist()
-    # step 4
-    sft, pairs, samples_rows, best_scores, mean_scores, first_scores = [], [], [], [], [], []
-    pos = 0
+    scores, pos = [], 0
+    for c in candidates:
+        scores.append(flat_scores[pos : pos + len(c)])
+        pos += len(c)
+    return scores, untagged, by_safety
+
+
+def keep_best(stage: RejectionSamplingStage, ctx: StageContext, prompts, samples: Samples,
+              scores: list[list[float]]) -> Kept:
+    """Each prompt's best candidate as an SFT record, (best, worst) as a pair when their gap exceeds
+    ``min_pair_gap``, and every candidate as a scored sample."""
+    kept = Kept()
     provenance = {"model": ctx.model_path(stage.model), "round": ctx.round, "k": stage.k,
                   "temperature": stage.sampling.temperature, "stage": stage.name}
-    for i, (p, cands) in enumerate(zip(prompts, candidates, strict=True)):
-        scores = flat_scores[pos : pos + len(cands)]
-        pos += len(cands)
-        samples_rows += [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=t), score=s,
+    for i, (p, cands) in enumerate(zip(prompts, samples.candidates, strict=True)):
+        s = scores[i]
+        kept.samples += [ScoredSample(prompt=p.prompt, response=Message(role="assistant", content=t), score=x,
                                       meta={"round": ctx.round, "stage": stage.name,
-                                            "finished": t not in cut[i]})
-                         for t, s in zip(cands, scores, strict=True)]
+                                            "finished": t not in samples.cut[i]})
+                         for t, x in zip(cands, s, strict=True)]
         if not cands:
+            kept.answers.append(None)
             continue
-        best = max(range(len(cands)), key=lambda j: scores[j])
-        worst = min(range(len(cands)), key=lambda j: scores[j])
-        best_scores.append(scores[best])
-        mean_scores.append(sum(scores) / len(scores))
-        first_scores.append(scores[0])
+        best = max(range(len(cands)), key=lambda j: s[j])
+        worst = min(range(len(cands)), key=lambda j: s[j])
+        kept.best_scores.append(s[best])
+        kept.mean_scores.append(sum(s) / len(s))
+        kept.first_scores.append(s[0])
+        kept.answers.append(cands[best])
         reply = Message(role="assistant", content=cands[best])
-        sft.append(SFTRecord(messages=[*p.prompt, reply], source=f"rejection_sampling:{stage.name}",
-                             meta={**provenance, "score": scores[best], "tags": p.tags}))
-        if stage.write_pairs and scores[best] - scores[worst] > stage.min_pair_gap:
-            pairs.append(PreferenceRecord(
+        kept.sft.append(SFTRecord(messages=[*p.prompt, reply], source=f"rejection_sampling:{stage.name}",
+                                  meta={**provenance, "score": s[best], "tags": p.tags}))
+        if stage.write_pairs and s[best] - s[worst] > stage.min_pair_gap:
+            kept.pairs.append(PreferenceRecord(
                 prompt=p.prompt, responses=[reply, Message(role="assistant", content=cands[worst])],
                 domain="safety" if p.is_safety else "helpfulness", source=f"rejection_sampling:{stage.name}",
-                meta={**provenance, "scores": [scores[best], scores[worst]]},
+                meta={**provenance, "scores": [s[best], s[worst]]},
             ))
-    # step 5
-    write_jsonl(ctx.output(Artifact.SFT_RECORDS), sft)
-    if stage.write_pairs:
-        write_jsonl(ctx.output(Artifact.PREFERENCES), pairs)
-    write_jsonl(ctx.output(Artifact.SAMPLES), samples_rows)
-    n_samples = sum(len(t) for t in texts)
-    metrics = {
-        "prompts": len(prompts), "samples": n_samples, "kept": len(sft), "pairs": len(pairs),
-        "reward_best_mean": _mean(best_scores), "reward_sample_mean": _mean(mean_scores),
-        "reward_first_mean": _mean(first_scores),
-        "length_stop_rate": _mean([f == "length" for ff in finish for f in ff]),
-        "unfinished_dropped": float(unfinished),
-        "prompts_without_finished": float(sum(not c for c in candidates)),
+    return kept
+
+
+def _metrics(prompts, samples: Samples, kept: Kept, generated: int) -> dict:
+    return {
+        "prompts": len(prompts), "samples": sum(len(t) for t in samples.texts), "kept": len(kept.sft),
+        "pairs": len(kept.pairs), "reward_best_mean": _mean(kept.best_scores),
+        "reward_sample_mean": _mean(kept.mean_scores), "reward_first_mean": _mean(kept.first_scores),
+        "length_stop_rate": _mean([f == "length" for ff in samples.finish for f in ff]),
+        "unfinished_dropped": float(samples.unfinished),
+        "prompts_without_finished": float(sum(not c for c in samples.candidates)),
         "samples_generated": generated,
     }
-    if untagged:  # the Helpfulness + Safety combination: how often the safety model scored a helpfulness prompt
-        metrics["safety_scored_share"] = by_safety / untagged
-    if generated:
-        metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
-    if stage.report_gold:
-        metrics.update(_gold_metrics(prompts, texts, sft))
-    return StageResult(metrics=metrics)
-
-
-def _gold_metrics(prompts, texts, sft) -> dict:
-    from rewards.gold import judge
-
-    every, first = [], []
-    for p, ts in zip(prompts, texts, strict=True):
-        scored = [judge(p.prompt, t).score for t in ts]
-        every += scored
-        first += scored[:1]
-    best = [judge(r.messages[:-1], r.messages[-1].content).score for r in sft]
-    return {"gold_best_mean": _mean(best), "gold_sample_mean": _mean(every), "gold_first_mean": _mean(first)}
 
 
 def _mean(values) -> float:

@@ -1,14 +1,19 @@
 """The evaluation stage's multi-turn instruction-retention check (``EvaluationStage.retention``).
 
-The dialogues are the built-in world's (:mod:`eval.instruction_retention`) whatever the stage's prompts
-are: a world instruction stated at turn 1, then world questions; the policy answers them turn by turn,
-greedily (:func:`align.generation.dialogue.roll_out`), and the gold judge grades every turn on the messages
-the model saw. The sampling's ``system_prompt`` is not used, so that the graded messages are exactly the
+The dialogues are the built-in world's whatever the stage's prompts are (the ``retention`` suite ``world``
+of :mod:`align.plugins`: :mod:`world.retention`): a world instruction stated at turn 1, then world
+questions; the policy answers them turn by turn, greedily (:func:`align.generation.dialogue.roll_out`),
+and the gold judge grades every turn on the messages the model saw. The sampling's ``system_prompt`` is not used, so that the graded messages are exactly the
 model's. With ``attention``, one forward pass per dialogue measures the attention on the instruction's
 tokens at each turn (:func:`align.models.attention.instruction_attention`; Llama 2 Figure 10).
 
 Writes ``retention.jsonl`` (per dialogue: the messages, per-turn grades and attention) and
 ``retention.png`` (rates and attention by turn; skipped, with a printed line, without matplotlib).
+
+A suite is a module (or object) with ``retention_dialogues(n, turns, seed, split)`` (dialogues with
+``instruction`` and ``user_turns``), ``opening_messages(d, placement)``, ``user_message(d, placement, turn)``,
+``retention_metrics(dialogues, responses, placement, report_turns)``, ``grade_dialogue(d, responses,
+placement)``, ``transcript(d, placement, responses)``, ``describe(d)`` and ``rates_by_turn(grades)``.
 """
 
 from __future__ import annotations
@@ -17,36 +22,30 @@ import json
 import math
 from pathlib import Path
 
+from align import plugins
 from align.config.evaluation import RetentionEval
 from align.config.sampling import SamplingParams
 from align.generation import Generator
 from align.generation.dialogue import roll_out
+
+SUITE = "world"  # the retention suite (align.plugins) whose dialogues the check runs
 
 
 def evaluate_retention(generator: Generator, settings: RetentionEval, *, model=None, tokenizer=None,
                        batch_size: int = 32, out_dir: str | Path | None = None) -> dict[str, float]:
     """Roll out, grade, (with ``settings.attention`` and a ``model``) measure attention, write the files
     to ``out_dir`` (when given) and return the ``retention/...`` metrics."""
-    from eval.instruction_retention import (
-        grade_dialogue,
-        opening_messages,
-        rates_by_turn,
-        retention_dialogues,
-        retention_metrics,
-        transcript,
-        user_message,
-    )
-
+    suite = plugins.load("retention", SUITE)
     place = settings.placement
-    dialogues = retention_dialogues(settings.dialogues, settings.turns, settings.seed, settings.split)
+    dialogues = suite.retention_dialogues(settings.dialogues, settings.turns, settings.seed, settings.split)
     params = SamplingParams(temperature=0.0, max_new_tokens=settings.max_new_tokens, batch_size=batch_size)
     responses = roll_out(
-        generator, [opening_messages(d, place) for d in dialogues], [d.user_turns for d in dialogues], params,
-        decorate_user=lambda i, t, _text: user_message(dialogues[i], place, t + 1),
+        generator, [suite.opening_messages(d, place) for d in dialogues], [d.user_turns for d in dialogues],
+        params, decorate_user=lambda i, t, _text: suite.user_message(dialogues[i], place, t + 1),
     )
-    metrics = retention_metrics(dialogues, responses, place, settings.report_turns)
-    grades = [grade_dialogue(d, r, place) for d, r in zip(dialogues, responses, strict=True)]
-    conversations = [transcript(d, place, r) for d, r in zip(dialogues, responses, strict=True)]
+    metrics = suite.retention_metrics(dialogues, responses, place, settings.report_turns)
+    grades = [suite.grade_dialogue(d, r, place) for d, r in zip(dialogues, responses, strict=True)]
+    conversations = [suite.transcript(d, place, r) for d, r in zip(dialogues, responses, strict=True)]
     attention: list[list[float]] | None = None
     if settings.attention and model is not None:
         from align.models.attention import instruction_attention
@@ -62,13 +61,12 @@ def evaluate_retention(generator: Generator, settings: RetentionEval, *, model=N
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "retention.jsonl", "w") as f:
             for i, (d, c, g) in enumerate(zip(dialogues, conversations, grades, strict=True)):
-                row = {"index": i, "placement": place, "split": settings.split, "instruction": d.instruction,
-                       "combo": [f"{x.kind}:{x.arg}" if x.arg else x.kind for x in d.combo], "messages": c,
+                row = {"index": i, "placement": place, "split": settings.split, **suite.describe(d), "messages": c,
                        "instruction_followed": [ins for ins, _ in g], "task_correct": [ok for _, ok in g]}
                 if attention is not None:
                     row["attention"] = attention[i]
                 f.write(json.dumps(row) + "\n")
-        instruction_rate, task_rate = rates_by_turn(grades)
+        instruction_rate, task_rate = suite.rates_by_turn(grades)
         plot_retention(out / "retention.png", instruction_rate, task_rate,
                        attention_by_turn(attention) if attention is not None else None,
                        title=f"instruction retention ({place}, {settings.split} split, {len(dialogues)} dialogues)")

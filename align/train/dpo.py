@@ -1,14 +1,9 @@
 """DPO stage, Llama 3 style: formatting tokens masked, 0.2 NLL on chosen, cached reference, shared prompt.
 
-Each preference record is one row: the prompt once, then its responses (exact block mask), and the LM
-head runs on response positions only (``TokenLogps``). The reference log-probs are computed once before
-training and cached on disk (``align.train.reference``), so training runs the policy only.
-
-Simplifications: records whose prompt alone fills ``max_length`` are dropped (counted in the metrics);
-responses are cut at ``max_length`` (prompt + response; counted). Pairs whose two responses are identical
-(same ids once tokenized and cut) carry no preference: they are dropped, counted and warned about. The
-start-of-training reward accuracy and margin are computed with the policy before its first step, i.e. 0
-when the reference is the policy's start.
+A record is one row (the prompt once, then its responses; LM head on response positions only). Reference
+log-probs are computed once and cached on disk (``align.train.reference``). Records whose prompt fills
+``max_length`` are dropped, responses cut (both counted); identical pairs are dropped and warned about.
+Pair metrics are measured before the first step (``*_start``) and after the last.
 """
 
 from __future__ import annotations
@@ -16,20 +11,17 @@ from __future__ import annotations
 from align.config.base import Artifact
 from align.config.dpo import DPOStage
 from align.data.chat import formatting_token_ids
-from align.data.collate import epoch_order, group_by_count, group_by_length, length_sorted_groups
+from align.data.collate import length_sorted_groups
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
-from align.data.sources import describe_sources
+from align.data.sources import describe_sources, split_by_prompt
 from align.losses.dpo import dpo_loss, response_sums, response_token_counts
-from align.models.loading import count_parameters, save_checkpoint
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageInputError, StageResult
-from align.train.common import evaluate_sums, load_policy, make_accelerator, plan_epochs
-from align.train.loop import make_plan, train
-from align.train.metrics import MetricsLogger
-from align.train.optim import build_optimizer, build_scheduler
+from align.train.common import evaluate_sums, load_policy
+from align.train.fit import Built, Output, Task, fit, planned, shuffled_groups
 from align.train.reference import reference_logps
-from align.train.sharded import full_state_dict
-from align.train.snapshots import snapshot_saver
+
+HEADLINE = ("_reward_accuracy", "_reward_margin", "_dpo", "_nll", "_logp_accuracy")
 
 
 def make_loss_fn(beta: float, nll_weight: float, label_smoothing: float):
@@ -57,131 +49,72 @@ def pair_count(batch) -> float:
     return float(batch.num_pairs)
 
 
-def run(stage: DPOStage, ctx: StageContext) -> StageResult:
-    """1. accelerator and seed  2. policy and tokenizer  3. preference data, tokenized with the DPO mask
-    4. reference log-probs (cache or one pass)  5. plan  6. score pairs at the start  7. train
-    8. score pairs at the end  9. save the HF checkpoint."""
-    cfg = stage.train
-    # step 1
-    accelerator = make_accelerator(cfg, ctx.seed)
-    # step 2
-    lm, tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
-    # step 3
-    paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
-    train_records, eval_records = load_preferences(stage.data, paths, ctx.seed)
-    formatting = _formatting_ids(tokenizer, stage.formatting_tokens)
-    train_data = tokenize_preferences(tokenizer, train_records, formatting, cfg.max_length, stage.pairs)
-    eval_data = tokenize_preferences(tokenizer, eval_records, formatting, cfg.max_length, stage.pairs)
-    train_ex, eval_ex = train_data.examples, eval_data.examples
-    sources = describe_sources(stage.data, paths)
-    identical = train_data.identical_pairs + eval_data.identical_pairs
-    if identical:
-        all_pairs = identical + train_data.num_pairs + eval_data.num_pairs
-        accelerator.print(
-            f"[{stage.name}] warning: dropped {identical} of {all_pairs} preference pairs whose chosen and rejected "
-            f"responses are identical (once tokenized and cut to max_length={cfg.max_length}; no preference "
-            f"to learn) in {sources}"
-        )
-    if not train_ex:
-        raise StageInputError(
-            f"stage '{stage.name}': no training pair left in {sources}: of {len(train_records)} training "
-            f"records, {train_data.dropped} have a prompt that fills max_length={cfg.max_length} and "
-            f"{train_data.identical_records} have identical chosen and rejected responses"
-        )
-    # step 4
-    (train_ref, eval_ref), ref_info = reference_logps(stage, ctx, lm, tokenizer, (train_ex, eval_ex), accelerator)
-    # step 5
-    per_step = cfg.grad_accum * accelerator.num_processes
+class DPO(Task):
+    stage: DPOStage
 
-    lengths = [len(ex) for ex in train_ex]
+    def build(self) -> Built:
+        stage, cfg, ctx = self.stage, self.stage.train, self.ctx
+        lm, self.tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
+        paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
+        train_records, eval_records = split_by_prompt(load_preferences(stage.data, paths, ctx.seed),
+                                                      stage.data.eval_fraction, ctx.seed)
+        formatting = frozenset() if stage.formatting_tokens == "off" else formatting_token_ids(
+            self.tokenizer, None if stage.formatting_tokens == "auto" else stage.formatting_tokens)
+        self.data = [tokenize_preferences(self.tokenizer, records, formatting, cfg.max_length, stage.pairs)
+                     for records in (train_records, eval_records)]
+        (train, held_out), identical = self.data, self.data[0].identical_pairs + self.data[1].identical_pairs
+        notes = [f"warning: dropped {identical} of {identical + train.num_pairs + held_out.num_pairs} preference "
+                 f"pairs whose chosen and rejected responses are identical (once tokenized and cut to max_length="
+                 f"{cfg.max_length}; no preference to learn) in {describe_sources(stage.data, paths)}"] if identical else []
+        if not train.examples:
+            raise StageInputError(
+                f"stage '{stage.name}': no training pair left in {describe_sources(stage.data, paths)}: of "
+                f"{len(train_records)} training records, {train.dropped} have a prompt that fills max_length="
+                f"{cfg.max_length} and {train.identical_records} have identical chosen and rejected responses")
+        self.refs, self.ref_info = reference_logps(stage, ctx, lm, self.tokenizer,
+                                                   (train.examples, held_out.examples), self.accelerator)
+        self.dtype, lengths = next(lm.parameters()).dtype, [len(e) for e in train.examples]
+        self.source = planned(self.accelerator, cfg, shuffled_groups(lengths, cfg, ctx.seed), self._batcher(0))
+        self.loss_fn = make_loss_fn(stage.beta, stage.nll_weight, stage.label_smoothing)
+        self.scored = [length_sorted_groups(lengths[: stage.metrics_records], cfg.batch_size),
+                       length_sorted_groups([len(e) for e in held_out.examples], cfg.batch_size)]
+        return Built(TokenLogps(lm), self.source, self.loss_fn, pair_count,
+                     [Output("lm", ctx.output(Artifact.POLICY), self.tokenizer)], self._banner(),
+                     notes + self.source.notes, policy="lm", tokenizer=self.tokenizer, log_before="start",
+                     log_after="end")
 
-    def epoch_groups(epoch):
-        order = epoch_order(len(train_ex), ctx.seed, epoch)
-        if cfg.group_by_length:
-            return group_by_length(order, lengths, cfg.batch_size, ctx.seed, epoch)
-        return group_by_count(order, cfg.batch_size)
+    def _banner(self) -> str:
+        (train, held_out), max_length = self.data, self.stage.train.max_length
+        return (f"{len(train.examples)} train / {len(held_out.examples)} eval records ({train.num_pairs} train "
+                f"pairs, {train.dropped + held_out.dropped} records dropped: prompt >= max_length, "
+                f"{train.truncated + held_out.truncated} responses cut at max_length={max_length}), "
+                f"{self.source.words}; reference log-probs {'from cache' if self.ref_info['ref_cache_hit'] else 'computed'}")
 
-    plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
-    epochs_trained, epochs_note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
-    model = TokenLogps(lm)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, len(plan))
-    model, optimizer = accelerator.prepare(model, optimizer)
-    dtype = next(lm.parameters()).dtype
+    def _batcher(self, split: int):
+        examples, refs, pad = self.data[split].examples, self.refs[split], self.tokenizer.pad_token_id
+        return lambda group: collate_pairs([examples[i] for i in group], pad, self.dtype,
+                                           [refs[i] for i in group]).to(self.accelerator.device)
 
-    def batcher(examples, refs):
-        def make_batch(group):
-            batch = collate_pairs([examples[i] for i in group], tokenizer.pad_token_id, dtype,
-                                  [refs[i] for i in group])
-            return batch.to(accelerator.device)
-        return make_batch
-
-    loss_fn = make_loss_fn(stage.beta, stage.nll_weight, stage.label_smoothing)
-    train_groups = length_sorted_groups(lengths[: stage.metrics_records], cfg.batch_size)
-    eval_groups = length_sorted_groups([len(ex) for ex in eval_ex], cfg.batch_size)
-
-    def score():
+    def evaluate(self) -> dict[str, float]:
         out = {}
-        for prefix, groups, examples, refs in (("train_pairs", train_groups, train_ex, train_ref),
-                                               ("eval", eval_groups, eval_ex, eval_ref)):
-            if groups:
-                m = evaluate_sums(model, groups, batcher(examples, refs), loss_fn, pair_count, accelerator)
+        for split, prefix in ((0, "train_pairs"), (1, "eval")):
+            if self.scored[split]:
+                m = evaluate_sums(self.model, self.scored[split], self._batcher(split), self.loss_fn, pair_count,
+                                  self.accelerator)
                 out.update({f"{prefix}_{k.replace('rewards/', 'reward_').replace('/', '_')}": v for k, v in m.items()})
         return out
 
-    # step 6
-    start = score()
-    logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, stage.name)
-    logger.log(0, start, prefix="start")
-    total, trainable = count_parameters(lm)
-    accelerator.print(
-        f"[{stage.name}] {len(train_ex)} train / {len(eval_ex)} eval records "
-        f"({train_data.num_pairs} train pairs, {train_data.dropped + eval_data.dropped} records dropped: "
-        f"prompt >= max_length, {train_data.truncated + eval_data.truncated} responses cut at "
-        f"max_length={cfg.max_length}), {len(plan)} steps ({epochs_trained:.2f} epochs), "
-        f"{total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable); reference log-probs "
-        f"{'from cache' if ref_info['ref_cache_hit'] else 'computed'}"
-    )
-    if epochs_note:
-        accelerator.print(f"[{stage.name}] {epochs_note}")
-    # step 7
-    summary = train(
-        accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, plan=plan,
-        make_batch=batcher(train_ex, train_ref), loss_fn=loss_fn, units=pair_count, cfg=cfg,
-        out_dir=ctx.out_dir, logger=logger, desc=stage.name,
-        on_step=snapshot_saver(accelerator, cfg.snapshot_every, len(plan), ctx.out_dir,
-                               lambda: accelerator.unwrap_model(model).lm, tokenizer),
-    )
-    # step 8
-    end = score()
-    logger.log(summary.steps, end, prefix="end")
-    logger.close()
-    metrics = {"train_loss_first": summary.first_loss, "train_loss_last": summary.last_loss,
-               "steps": summary.steps, "train_tokens": summary.tokens, "train_padding": summary.padding, **ref_info,
-               "dropped_records": float(train_data.dropped + eval_data.dropped),
-               "identical_pairs_dropped": float(identical),
-               "truncated_responses": float(train_data.truncated + eval_data.truncated),
-               "epochs_trained": epochs_trained,
-               "mask_id_fallbacks": float(train_data.id_fallbacks + eval_data.id_fallbacks),
-               "boundary_adjusted": float(train_data.boundary_adjusted + eval_data.boundary_adjusted)}
-    # the result keeps the headline numbers; metrics.jsonl has all of them (prefixes start/, train/, end/)
-    headline = [k for k in end if k.endswith(_HEADLINE)]
-    metrics.update({f"{k}_start": start[k] for k in headline})
-    metrics.update({k: end[k] for k in headline})
-    # step 9
-    model_dir = ctx.output(Artifact.POLICY)
-    accelerator.wait_for_everyone()
-    state = full_state_dict(accelerator, model, "lm")  # every process (sharded training: the gather)
-    if accelerator.is_main_process:
-        save_checkpoint(accelerator.unwrap_model(model).lm, tokenizer, model_dir, state)
-    accelerator.wait_for_everyone()
-    return StageResult(metrics=metrics)
+    def result(self, summary, before, after) -> dict:
+        train, held_out = self.data
+        headline = [k for k in after if k.endswith(HEADLINE)]
+        return {**summary.metrics(), **self.ref_info, "epochs_trained": self.source.epochs,
+                "dropped_records": float(train.dropped + held_out.dropped),
+                "identical_pairs_dropped": float(train.identical_pairs + held_out.identical_pairs),
+                "truncated_responses": float(train.truncated + held_out.truncated),
+                "mask_id_fallbacks": float(train.id_fallbacks + held_out.id_fallbacks),
+                "boundary_adjusted": float(train.boundary_adjusted + held_out.boundary_adjusted),
+                **{f"{k}_start": before[k] for k in headline}, **{k: after[k] for k in headline}}
 
 
-_HEADLINE = ("_reward_accuracy", "_reward_margin", "_dpo", "_nll", "_logp_accuracy")
-
-
-def _formatting_ids(tokenizer, setting) -> frozenset[int]:
-    if setting == "off":
-        return frozenset()
-    return formatting_token_ids(tokenizer, None if setting == "auto" else setting)
+def run(stage: DPOStage, ctx: StageContext) -> StageResult:
+    return fit(DPO(stage, ctx), stage.train, ctx)

@@ -129,17 +129,16 @@ def save_outputs(accelerator, model, outputs: list[Output]) -> None:
     accelerator.wait_for_everyone()
 
 
-def planned(accelerator, cfg: TrainConfig, epoch_groups: Callable[[int], list], make_batch) -> tuple[PlanSource, str]:
-    """-> (the plan of ``epoch_groups``' micro-batches cut into optimizer steps, as a batch source; the
-    banner's words for its length, with a note when ``max_steps`` overrode ``epochs``).
-    ``source.epochs`` is the passes over the data it makes."""
+def planned(accelerator, cfg: TrainConfig, epoch_groups: Callable[[int], list], make_batch) -> PlanSource:
+    """The plan of ``epoch_groups``' micro-batches cut into optimizer steps, as a batch source, with
+    ``source.epochs`` (the passes over the data it makes), ``source.words`` (its length, for the banner) and
+    ``source.notes`` (a line when ``max_steps`` overrode ``epochs``)."""
     per_step = cfg.grad_accum * accelerator.num_processes
     plan = make_plan(epoch_groups, cfg.epochs, per_step, cfg.max_steps)
     epochs, note = plan_epochs(cfg, len(plan), len(epoch_groups(0)), per_step)
     source = PlanSource(plan, make_batch, accelerator.process_index, cfg.grad_accum)
-    source.epochs = epochs
-    words = f"{len(plan)} steps ({epochs:.2f} epochs)"
-    return source, words if note is None else f"{words}; {note}"
+    source.epochs, source.words, source.notes = epochs, f"{len(plan)} steps ({epochs:.2f} epochs)", [note] if note else []
+    return source
 
 
 def shuffled_groups(lengths: list[int], cfg: TrainConfig, seed: int) -> Callable[[int], list[list[int]]]:

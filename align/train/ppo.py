@@ -1,13 +1,9 @@
 """PPO stage, Llama 2 style (sec. 3.2.3): the baseline DPO is compared against.
 
-Policy and value model are one module (one optimizer), so DDP/FSDP see a single ``forward``; the loss is
-the clipped policy loss + ``vf_coef`` * clipped value loss, summed over response tokens (the loop divides
-by the step's global token count). The batches come from rollouts of the policy as it trains
-(``align.train.rollouts``: sampling, scoring, the frozen models' log-probs, KL-penalised rewards, GAE);
-checkpoints are at iteration boundaries (``train.save_every`` counts iterations) and a resumed run repeats
-exactly what an uninterrupted one does. Several processes: each rolls out its share of the rollout batch,
-advantages are whitened over all of them, so two processes train like one with twice the accumulation
-(tested). Every process loads the reward models.
+Policy and value model are one module (one optimizer: DDP/FSDP see one ``forward``); the loss is the clipped
+policy loss + ``vf_coef`` * clipped value loss, summed over response tokens. The batches come from rollouts
+of the policy as it trains (``align.train.rollouts``, which also says how a resumed or multi-process run
+stays exact); ``train.save_every`` and ``snapshot_every`` count iterations.
 """
 
 from __future__ import annotations
@@ -19,6 +15,7 @@ import torch
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.ppo import PPOStage
 from align.data.sources import load_prompts
+from align.evaluators import load_evaluators
 from align.generation import make_generator
 from align.generation.training_policy import TrainingPolicySampler
 from align.losses.ppo import entropy_from_logits, policy_loss, value_loss
@@ -83,7 +80,7 @@ class PPO(Task):
         self.sampler = TrainingPolicySampler(stage.backend, stage.model, policy_path, tokenizer, make=make_generator,
                                              **options)
         self.source = RolloutSource(stage, ctx, acc, prompts, tokenizer, reference, reward, self.sampler,
-                                    _evaluators(stage))
+                                    load_evaluators(stage.evaluators))
         self.trainable = count_parameters(module)[1]
         outputs = [Output("value_model", Path(ctx.out_dir) / "value_model", value_tokenizer),
                    Output("policy", ctx.output(Artifact.POLICY), tokenizer)]
@@ -116,12 +113,6 @@ class PPO(Task):
         for name, values in (("first", summary.first), ("last", summary.last)):
             out.update({f"{k}_{name}": v for k, v in (values or {}).items() if k in HEADLINE})
         return out
-
-
-def _evaluators(stage: PPOStage) -> list:
-    from align.evaluators import load_evaluators
-
-    return load_evaluators(stage.evaluators)
 
 
 def run(stage: PPOStage, ctx: StageContext) -> StageResult:

@@ -4,8 +4,11 @@ The cache (:mod:`align.models.reference_cache`) lives in ``<run_dir>/ref_cache/<
 folder, which the runner clears when the stage's config changes). The key hashes:
 
 - the reference model (:func:`~align.models.reference_cache.model_identity`): its weight and config files'
-  content for a local folder; the size config and seed for ``builtin:tiny``; the id for a hub model (pin a
-  revision by downloading it to a folder); plus dtype, attention implementation and the autocast precision;
+  content for a local folder (so the same path with retrained weights is another key; the files' digests are
+  remembered in ``ref_cache/file_digests.json`` while their size, times and inode stay the same, so a large
+  model is read once, not on every run); the GGUF file for a ``gguf_file`` spec; the size config and seed
+  for ``builtin:tiny``; the id and cached revision for a hub model (pin a revision by downloading it to a
+  folder); plus dtype, attention implementation and the autocast precision;
 - the tokenized data: every prompt and response id and the DPO mask, so the data, the tokenizer, the
   truncation length, the pairs mode and the formatting-token setting are all in it.
 
@@ -75,7 +78,9 @@ def reference_logps(stage: DPOStage, ctx: StageContext, lm, tokenizer, splits, a
     "ref_forward_passes": n}``. Loads from the cache when the key matches, else computes and saves."""
     spec = stage.reference or stage.model
     path = ctx.model_path(spec)
-    parts = key_parts(model_identity(spec, path, ctx.seed), stage.train.mixed_precision, splits)
+    cache_dir = Path(ctx.recipe.run_dir) / "ref_cache"
+    identity = model_identity(spec, path, ctx.seed, memo=cache_dir / "file_digests.json")
+    parts = key_parts(identity, stage.train.mixed_precision, splits)
     passes = 0
 
     def compute():
@@ -83,7 +88,7 @@ def reference_logps(stage: DPOStage, ctx: StageContext, lm, tokenizer, splits, a
         values, passes = _compute(stage, spec, path, ctx.seed, lm, tokenizer, splits, accelerator)
         return values
 
-    values, hit = load_or_compute(Path(ctx.recipe.run_dir) / "ref_cache", parts, compute,
+    values, hit = load_or_compute(cache_dir, parts, compute,
                                   accelerator=accelerator, meta={"stage": stage.name, "model": path})
     return values, {"ref_cache_hit": float(hit), "ref_forward_passes": float(passes)}
 

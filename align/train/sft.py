@@ -61,10 +61,11 @@ class SFT(Task):
         if not self.train_ex:
             raise StageInputError(f"stage '{stage.name}': no training row of {describe_sources(stage.data, paths)} "
                                   f"has an assistant token within max_length={cfg.max_length}")
-        self.source, words = planned(self.accelerator, cfg, self._epoch_groups, self._train_batch)
+        self.source = planned(self.accelerator, cfg, self._epoch_groups, self._train_batch)
         return Built(TokenLogps(lm), self.source, sft_loss, scored_tokens,
                      [Output("lm", ctx.output(Artifact.POLICY), self.tokenizer)],
-                     f"{len(self.train_ex)} train / {len(self.eval_ex)} eval examples, {words}", notes,
+                     f"{len(self.train_ex)} train / {len(self.eval_ex)} eval examples, {self.source.words}",
+                     notes + self.source.notes,
                      policy="lm", tokenizer=self.tokenizer)
 
     def _tokenize(self, records):

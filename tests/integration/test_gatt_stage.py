@@ -79,9 +79,9 @@ def test_the_model_sees_the_instruction_every_turn_the_record_only_in_the_first(
         assert [a["content"] for a in answers] == [f"A{t}" for t in range(1, turns + 1)]  # answered in order
         assert [a.get("weight") for a in answers] == [0] * (turns - 1) + [None]
     # while answering, every user message carried the instruction and the dialogue so far
-    from align.data.gatt import world_instruction_pool
+    from world.retention import training_instructions
 
-    texts = sorted((t for t, _ in world_instruction_pool()), key=len, reverse=True)
+    texts = sorted((t for t, _ in training_instructions()), key=len, reverse=True)
     for batch in generator.prompts:
         for prompt in batch:
             users = [m for m in prompt if m["role"] == "user"]
@@ -116,7 +116,7 @@ def test_a_killed_run_keeps_finished_dialogues(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_sft_trains_on_gatt_data_end_to_end(tmp_path):
     tiny = steady_tiny(tmp_path / "tiny")
-    data = gatt_recipe(tiny, report_gold=True)
+    data = gatt_recipe(tiny, evaluators=["world"])
     data["stages"].append({
         "name": "sft_gatt", "kind": "sft", "model": {"path": tiny},
         "data": {"from": "gatt"},
@@ -134,8 +134,8 @@ class WorldGenerator(ScriptedGenerator):
     the 'capital' family (answered wrongly)."""
 
     def sample(self, prompts, k, params):
-        from eval.instruction_retention import follow_all
-        from rewards.world import find_instructions, parse_task
+        from world.retention import follow_all
+        from world.tasks import find_instructions, parse_task
 
         self.prompts.append(prompts)
         out = []
@@ -148,10 +148,10 @@ class WorldGenerator(ScriptedGenerator):
 
 
 def test_min_score_keeps_only_dialogues_whose_trained_answer_scores_enough(tmp_path, monkeypatch):
-    from rewards.world import parse_task
+    from world.tasks import parse_task
 
     tiny = steady_tiny(tmp_path / "tiny")
-    data = gatt_recipe(tiny, reward={"function": "gold"}, report_gold=True)
+    data = gatt_recipe(tiny, reward={"function": "gold"}, evaluators=["world"])
     data["stages"][0]["dialogues"]["builtin_size"] = 24
     every = run_scripted(tmp_path, monkeypatch, data, WorldGenerator()).metrics
     assert every["records"] == every["dialogues"] and every["dropped_below_min_score"] == 0
@@ -166,7 +166,7 @@ def test_min_score_keeps_only_dialogues_whose_trained_answer_scores_enough(tmp_p
 
 
 def test_loss_on_passing_trains_exactly_the_answers_that_score_enough(tmp_path, monkeypatch):
-    from rewards.gold import judge
+    from world.judge import judge
 
     tiny = steady_tiny(tmp_path / "tiny")
     data = gatt_recipe(tiny, reward={"function": "gold"}, min_score=1.0, loss_on="passing")
@@ -193,8 +193,8 @@ class BestLastGenerator(ScriptedGenerator):
     """k samples per prompt: k-1 wrong answers, then the right one that follows the instructions."""
 
     def sample(self, prompts, k, params):
-        from eval.instruction_retention import follow_all
-        from rewards.world import find_instructions, parse_task
+        from world.retention import follow_all
+        from world.tasks import find_instructions, parse_task
 
         self.prompts.append(prompts)
         out = []
@@ -210,7 +210,7 @@ def test_k_samples_per_turn_keep_the_best_by_the_reward(tmp_path, monkeypatch):
     tiny = steady_tiny(tmp_path / "tiny")
     data = gatt_recipe(tiny, k=3, reward={"function": "gold"})
     run_scripted(tmp_path, monkeypatch, data, BestLastGenerator())
-    from rewards.world import parse_task
+    from world.tasks import parse_task
 
     picked = []
     for r in records(tmp_path):

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import align.train.ppo as ppo
+import align.train.rollouts as rollouts
 from align.config.recipe import recipe_from_dict
 from align.runner import run_recipe, run_stage
 
@@ -69,7 +70,7 @@ def test_resume_after_a_kill_gives_the_same_trajectory(tmp_path, monkeypatch):
     clean = recipe_from_dict(recipe(tmp_path / "clean", **settings))
     run_stage(clean, "ppo", 1, "fp")
     calls = []
-    real = ppo._generate
+    real = rollouts._generate
 
     def killed_at_third(*args, **kwargs):
         calls.append(1)
@@ -77,11 +78,11 @@ def test_resume_after_a_kill_gives_the_same_trajectory(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed during iteration 3, after the checkpoint of iteration 2
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(ppo, "_generate", killed_at_third)
+    monkeypatch.setattr(rollouts, "_generate", killed_at_third)
     data = recipe_from_dict(recipe(tmp_path / "killed", **settings))
     with pytest.raises(KeyboardInterrupt):
         run_stage(data, "ppo", 1, "fp")
-    monkeypatch.setattr(ppo, "_generate", real)
+    monkeypatch.setattr(rollouts, "_generate", real)
     run_stage(data, "ppo", 1, "fp")
     a = rows(tmp_path / "clean/runs/t/round_1/ppo")
     b = rows(tmp_path / "killed/runs/t/round_1/ppo")

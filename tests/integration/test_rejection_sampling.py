@@ -27,7 +27,7 @@ def recipe(tmp_path, rounds=1, **stage):
         "reward": {"function": "gold"},
         "k": 4,
         "sampling": {"temperature": 1.0, "max_new_tokens": 12, "batch_size": 3, "seed": 1},
-        "report_gold": True,
+        "evaluators": ["world"],
         **stage,
     }
     return {"name": "t", "seed": 0, "output_dir": str(tmp_path / "runs"), "rounds": rounds, "stages": [rs_stage]}
@@ -136,7 +136,7 @@ def test_two_processes_write_the_same_records_as_one(tmp_path):
 
 def test_pool_over_previous_rounds_never_keeps_a_worse_answer(tmp_path):
     from data_schemas import write_jsonl
-    from eval.world import prompt_records
+    from world.generator import prompt_records
 
     write_jsonl(tmp_path / "prompts.jsonl", prompt_records(12, 0))  # the same prompts in both rounds
     data = recipe(tmp_path, rounds=2, pool_previous_rounds=True,

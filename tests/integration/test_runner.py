@@ -11,9 +11,20 @@ import sys
 import pytest
 
 from align.config.recipe import recipe_from_dict
-from align.runner import run_recipe
+from align.config.registry import STAGE_BY_KIND
+from align.runner import STAGE_MODULES, run_recipe, stage_module
 from align.runtime import StageFailed
 from tests.conftest import tiny_sft_recipe
+
+
+def test_every_stage_kind_has_a_module_with_run_and_the_fork_server_preloads_them():
+    modules = {kind: stage_module(kind) for kind in STAGE_BY_KIND}
+    for kind, module in modules.items():
+        assert callable(module.run), kind
+    assert sorted(m.__name__ for m in modules.values()) == sorted(STAGE_MODULES)
+    assert len(set(STAGE_MODULES)) == len(STAGE_MODULES)
+    with pytest.raises(KeyError, match="no module runs stage kind 'nope'"):
+        stage_module("nope")
 
 
 def test_a_bf16_stage_after_an_fp32_stage_and_the_runner_imports_no_torch(tmp_path):

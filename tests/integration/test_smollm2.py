@@ -92,18 +92,17 @@ def test_responses_starting_with_spaces_score_and_train_without_error(smollm2, t
     'assistant\\n' the tokenizer merges the newline with them. They are split at the text boundary."""
     from transformers import AutoTokenizer
 
-    from rewards.encoding import BOUNDARY_SPLITS, encode_pair, encode_prompt
+    from rewards.encoding import encode_prompt, encode_scored
 
     tok = AutoTokenizer.from_pretrained(smollm2)
     prompt = [{"role": "user", "content": "Can you help me?"}]
-    before = BOUNDARY_SPLITS[0]
-    ids = encode_pair(tok, prompt, "  Sure, I'd be happy to help.")
-    assert BOUNDARY_SPLITS[0] == before + 1
+    ids, split = encode_scored(tok, prompt, "  Sure, I'd be happy to help.")
+    assert split
     prompt_text, prompt_ids = encode_prompt(tok, prompt)
     assert ids[: len(prompt_ids)] == prompt_ids
     assert tok.decode(ids[len(prompt_ids):]).startswith("  Sure, I'd be happy to help.<|im_end|>")
-    plain = encode_pair(tok, prompt, "Sure, I'd be happy to help.")  # no merge: the usual rule, not counted
-    assert BOUNDARY_SPLITS[0] == before + 1 and plain[: len(prompt_ids)] == prompt_ids
+    plain, split = encode_scored(tok, prompt, "Sure, I'd be happy to help.")  # no merge: the usual rule
+    assert not split and plain[: len(prompt_ids)] == prompt_ids
     # the command that crashed: align eval reward-model on such a file
     from eval.reward_model import evaluate_reward_model
 

@@ -13,7 +13,7 @@ from align.config.specs import OptimConfig, TrainConfig
 from align.data.chat import build_byte_tokenizer, tokenize_chat
 from align.data.collate import collate_packed, collate_padded
 from align.models.logps import TokenLogps
-from align.train.loop import train
+from align.train.loop import PlanSource, train
 from align.train.metrics import MetricsLogger
 from align.train.sft import scored_tokens, sft_loss
 from tests.conftest import ConstantLR, GradRecorder
@@ -83,8 +83,7 @@ def step_grads(setup, tmp_path, micro, collate, loss_fn=sft_loss, units=scored_t
         model=model,
         optimizer=optimizer,
         scheduler=ConstantLR(),
-        plan=plan,
-        make_batch=make_batch,
+        source=PlanSource(plan, make_batch, 0, micro),
         loss_fn=loss_fn,
         units=units,
         cfg=cfg,

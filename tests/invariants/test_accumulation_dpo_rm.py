@@ -21,7 +21,7 @@ from align.losses.reward import reward_ranking_loss
 from align.models.logps import TokenLogps
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer
 from align.train.dpo import make_loss_fn, pair_count
-from align.train.loop import train
+from align.train.loop import PlanSource, train
 from align.train.metrics import MetricsLogger
 from align.train.reward_model import prompts_in
 from data_schemas import parse_record
@@ -56,8 +56,8 @@ def step_grads(tmp_path, model, make_batch, loss_fn, units, micro: int, label: s
     plan = [[list(range(i * size, (i + 1) * size)) for i in range(micro)]]
     optimizer = GradRecorder(model.parameters())
     out = tmp_path / f"{label}_{micro}"
-    train(accelerator=Accelerator(cpu=True), model=model, optimizer=optimizer, scheduler=ConstantLR(), plan=plan,
-          make_batch=make_batch, loss_fn=loss_fn, units=units,
+    train(accelerator=Accelerator(cpu=True), model=model, optimizer=optimizer, scheduler=ConstantLR(),
+          source=PlanSource(plan, make_batch, 0, micro), loss_fn=loss_fn, units=units,
           cfg=TrainConfig(grad_accum=micro, report_to=[], optim=OptimConfig(max_grad_norm=None)),
           out_dir=out, logger=MetricsLogger(out, [], enabled=False), desc="accum")
     return torch.cat([g.flatten() for g in optimizer.grads])

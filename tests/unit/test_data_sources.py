@@ -34,9 +34,9 @@ def test_preferences_and_prompts_combine_the_same_way(tmp_path):
                            responses=[Message(role="assistant", content="yes"),
                                       Message(role="assistant", content="no")])
     write_jsonl(path, [rec])
-    train, held = load_preferences(DataSpec(builtin="chat", builtin_size=4, paths=[str(path)]), [str(path)], 0)
-    assert len(train + held) == 5
-    assert any(r.prompt[0].content == "file prompt" for r in train + held)
+    records = load_preferences(DataSpec(builtin="chat", builtin_size=4, paths=[str(path)]), [str(path)], 0)
+    assert len(records) == 5
+    assert any(r.prompt[0].content == "file prompt" for r in records)
     prompts = load_prompts(DataSpec(builtin="world", builtin_size=6, paths=[str(path)]), [str(path)], 0)
     assert len(prompts) == 7
 

@@ -129,7 +129,7 @@ def test_user_groups_combine_and_shorten():
 
 
 def test_plans_use_the_first_n_user_turns_within_the_bounds():
-    from eval.world_chats import dialogue_records
+    from world.chats import dialogue_records
 
     records = dialogue_records(50, seed=1)
     plans = plan_dialogues(records, InstructionPool(), min_turns=3, max_turns=5, seed=0)
@@ -143,13 +143,17 @@ def test_plans_use_the_first_n_user_turns_within_the_bounds():
 
 
 def test_world_instructions_never_use_the_combinations_the_evaluation_holds_out():
-    from align.data.gatt import world_instruction_pool
-    from eval.instruction_retention import combination_split, combination_text, instruction_combinations
+    from world.retention import (
+        combination_split,
+        combination_text,
+        instruction_combinations,
+        training_instructions,
+    )
 
     held_out = {combination_text(c) for c in instruction_combinations() if combination_split(c) == "eval"}
-    pool = world_instruction_pool()
+    pool = training_instructions()
     assert held_out and pool and not held_out & {text for text, _ in pool}
-    from eval.world_chats import dialogue_records
+    from world.chats import dialogue_records
 
     plans = plan_dialogues(dialogue_records(200, 0), InstructionPool(), 2, 8, seed=0)
     assert not held_out & {p.instruction for p in plans}
@@ -158,10 +162,10 @@ def test_world_instructions_never_use_the_combinations_the_evaluation_holds_out(
 def test_world_chat_data_is_mostly_short_with_long_dialogues_and_instruction_combinations():
     from collections import Counter
 
-    from eval.instruction_retention import combination_split, instruction_combinations
-    from eval.world_chats import chat_records
-    from rewards.gold import judge
-    from rewards.world import find_instructions
+    from world.chats import chat_records
+    from world.judge import judge
+    from world.retention import combination_split, instruction_combinations
+    from world.tasks import find_instructions
 
     records = chat_records(1000, seed=3)
     shapes, placements = Counter(r.meta["shape"] for r in records), Counter()

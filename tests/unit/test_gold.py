@@ -3,8 +3,8 @@
 import pytest
 
 from data_schemas import Message
-from rewards.gold import SCORES, follows_instruction, judge
-from rewards.world import FAMILIES, parse_task
+from world.judge import SCORES, follows_instruction, judge
+from world.tasks import FAMILIES, parse_task
 
 
 def user(text, system=None):

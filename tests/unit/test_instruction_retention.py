@@ -1,5 +1,5 @@
 """Multi-turn instruction retention: instruction combinations and their split, dialogues, per-turn grading
-and metrics (eval.instruction_retention); multi-turn roll-outs (align.generation.dialogue); attention on
+and metrics (world.retention); multi-turn roll-outs (align.generation.dialogue); attention on
 the instruction's tokens (align.models.attention); the evaluation stage's retention pass with a fake
 generator (placement honoured)."""
 
@@ -13,7 +13,9 @@ from align.config.evaluation import RetentionEval
 from align.config.sampling import SamplingParams
 from align.generation import Sample
 from align.generation.dialogue import roll_out
-from eval.instruction_retention import (
+from world.generator import split_of
+from world.judge import judge
+from world.retention import (
     KIND_ORDER,
     RetentionDialogue,
     combination_split,
@@ -28,9 +30,7 @@ from eval.instruction_retention import (
     transcript,
     turn_messages,
 )
-from eval.world import split_of
-from rewards.gold import judge
-from rewards.world import HELPFULNESS_FAMILIES, Instruction, parse_task
+from world.tasks import HELPFULNESS_FAMILIES, Instruction, parse_task
 
 UPPER = (Instruction("upper"),)
 
@@ -58,7 +58,7 @@ def test_combinations_cover_every_mix_of_distinct_kinds_in_a_stable_order():
 def test_every_combination_is_followed_by_a_correct_answer_to_every_helpfulness_task():
     import random
 
-    from eval.world import random_task
+    from world.generator import random_task
 
     rng = random.Random(0)
     for combo in instruction_combinations():
@@ -220,8 +220,8 @@ class LastTurnFollower:
         self.prompts = []
 
     def sample(self, prompts, k, params):
-        from rewards.gold import read_prompt
-        from rewards.world import find_instructions
+        from world.judge import read_prompt
+        from world.tasks import find_instructions
 
         self.prompts += [list(p) for p in prompts]
         out = []

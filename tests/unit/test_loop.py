@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from align.config.specs import OptimConfig, TrainConfig
-from align.train.loop import Checkpoints, optimizer_step, train
+from align.train.loop import Checkpoints, PlanSource, optimizer_step, train
 from align.train.metrics import MetricsLogger
 
 
@@ -57,8 +57,8 @@ def test_optimizer_step_matches_train_on_the_same_batches(tmp_path):
     acc, model, opt, sched = setup()
     for step in plan:
         cfg = TrainConfig(grad_accum=len(step), report_to=[], optim=OptimConfig(max_grad_norm=1.0))
-        train(accelerator=acc, model=model, optimizer=opt, scheduler=sched, plan=[step],
-              make_batch=lambda g: batches[g[0]], loss_fn=loss_fn, units=units, cfg=cfg,
+        train(accelerator=acc, model=model, optimizer=opt, scheduler=sched,
+              source=PlanSource([step], lambda g: batches[g[0]], 0, len(step)), loss_fn=loss_fn, units=units, cfg=cfg,
               out_dir=tmp_path / f"t{len(step)}", logger=MetricsLogger(tmp_path, [], enabled=False))
     for a, b in zip(expected, model.parameters(), strict=True):
         assert torch.equal(a, b.detach())

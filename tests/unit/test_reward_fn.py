@@ -10,10 +10,10 @@ from align.models.loading import save_checkpoint
 from align.models.reward import load_reward_model, load_reward_tokenizer
 from align.models.reward_fn import build_reward
 from rewards.combine import CombinedReward
-from rewards.gold import gold_reward, judge
 from rewards.protocol import PerSampleReward, RewardFunction
 from rewards.scoring import RewardScorer
 from rewards.whitening import RewardStats
+from world.judge import gold_reward, judge
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -23,8 +23,9 @@ def test_preference_records_sharing_a_prompt_stay_together(tmp_path):
     rows = [PreferenceRecord(prompt=[U(f"What is {i} plus 1?")], responses=[A(f"{i + 1}."), A(f"{i + j}.")])
             for i in range(30) for j in range(2, 6)]
     write_jsonl(tmp_path / "p.jsonl", rows)
-    train, held = load_preferences(DataSpec(paths=[str(tmp_path / "p.jsonl")], eval_fraction=0.2),
-                                   [str(tmp_path / "p.jsonl")], seed=0)
+    path = str(tmp_path / "p.jsonl")
+    records = load_preferences(DataSpec(paths=[path]), [path], seed=0)
+    train, held = split_by_prompt(records, 0.2, seed=0)
     train_prompts, held_prompts = {prompt_key(r) for r in train}, {prompt_key(r) for r in held}
     assert not train_prompts & held_prompts
     assert len(held_prompts) == 6 and len(held) == 24 and len(train) + len(held) == 120
@@ -46,10 +47,10 @@ def test_the_key_folds_case_and_space_and_ignores_later_turns():
 
 
 def test_reward_model_and_dpo_use_the_same_split():
-    import align.data.preference as preference
+    import align.train.dpo as dpo
     import align.train.reward_model as reward_model
 
-    assert reward_model.split_by_prompt is preference.split_by_prompt is split_by_prompt
+    assert reward_model.split_by_prompt is dpo.split_by_prompt is split_by_prompt
 
 
 def test_sample_takes_a_seeded_subset_in_file_order_after_limit(tmp_path):
@@ -69,5 +70,5 @@ def test_sample_takes_a_seeded_subset_in_file_order_after_limit(tmp_path):
     assert ids(DataSpec(paths=[path], sample=10), seed=1) != picked
     assert set(ids(DataSpec(paths=[path], limit=20, sample=10))) <= set(range(20))
     assert ids(DataSpec(paths=[path], sample=100)) == list(range(40))
-    train, held = load_preferences(DataSpec(paths=[path], sample=10, eval_fraction=0.2), [path], seed=0)
-    assert sorted(int(prompt_key(r)[1:-1]) for r in train + held) == picked
+    records = load_preferences(DataSpec(paths=[path], sample=10, eval_fraction=0.2), [path], seed=0)
+    assert sorted(int(prompt_key(r)[1:-1]) for r in records) == picked

@@ -3,7 +3,7 @@ recipe whose wiring is wrong rejected before anything runs, every problem at onc
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -14,8 +14,11 @@ import yaml
 
 from align.config.base import MODELS, Artifact
 from align.config.checks import BUILTIN_DATA
+from align.config.dpo import DPOStage
 from align.config.recipe import RecipeError, load_recipe, recipe_from_dict
-from align.config.registry import STAGE_BY_KIND
+from align.config.registry import STAGE_BY_KIND, STAGE_TYPES, by_kind
+from align.config.sft import SFTStage
+from align.runner import STAGE_MODULES
 from tests.conftest import load_recipe_or_skip
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,17 +36,33 @@ def problems(data: dict, overrides=()) -> list[str]:
 
 
 def test_every_config_module_imports_on_its_own():
-    for name in ("dpo", "sft", "reward_model", "rejection_sampling", "evaluation", "model_average", "recipe"):
+    for name in ("dpo", "sft", "reward_model", "rejection_sampling", "evaluation", "model_average", "recipe",
+                 "registry"):
         code = f"import align.config.{name}"
         subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
-def test_one_registry_every_kind_names_a_module_with_run():
+def test_one_registry_of_stage_kinds():
     assert set(STAGE_BY_KIND) == {"sft", "dpo", "reward_model", "rejection_sampling", "evaluate", "model_average", "gatt",
                                   "ppo"}
+    assert tuple(STAGE_BY_KIND.values()) == STAGE_TYPES
     for kind, cls in STAGE_BY_KIND.items():
-        assert importlib.util.find_spec(cls.runs_in) is not None, kind
+        assert cls.model_fields["kind"].default == kind
         assert set(cls.produces) <= set(Artifact), kind
+    # which module runs each kind is the runner's table (align.runner.stage_module, checked in test_runner)
+    assert len(STAGE_MODULES) == len(STAGE_BY_KIND)
+    for name in STAGE_MODULES:
+        assert importlib.util.find_spec(name) is not None, name
+
+
+def test_a_kind_defined_twice_is_an_error():
+    class SFTAgain(SFTStage):
+        """Another class of kind 'sft'."""
+
+    with pytest.raises(TypeError, match="stage kind 'sft' is defined twice: SFTStage and SFTAgain"):
+        by_kind((*STAGE_TYPES, SFTAgain))
+    with pytest.raises(TypeError, match="stage kind 'dpo' is defined twice"):
+        by_kind((DPOStage, SFTStage, DPOStage))
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)

@@ -9,7 +9,8 @@ import pytest
 from align.cli import main
 from align.data.builtin import BUILTIN_PREFERENCE, BUILTIN_PROMPTS, BUILTIN_SFT
 from data_schemas import read_jsonl
-from eval.world import (
+from world.evaluator import as_messages, evaluate_policy
+from world.generator import (
     TRAPS,
     eval_prompt_records,
     is_trap,
@@ -20,9 +21,8 @@ from eval.world import (
     split_of,
     strength_of,
 )
-from eval.world_eval import as_messages, evaluate_policy
-from rewards.gold import judge, read_prompt
-from rewards.world import BENIGN_VERBS, FAMILIES, HARMFUL_VERBS, HELPFULNESS_FAMILIES, OBJECTS, REFUSAL, Task
+from world.judge import judge, read_prompt
+from world.tasks import BENIGN_VERBS, FAMILIES, HARMFUL_VERBS, HELPFULNESS_FAMILIES, OBJECTS, REFUSAL, Task
 
 
 def dumps(records):
@@ -161,7 +161,7 @@ def test_evaluate_policy_scorers_kl_and_prompt_forms(held_out):
 
 def test_held_out_phrasings_rotate_so_every_frame_is_trained():
     """Each family holds out one template; its opening words are trained on in some other family."""
-    from eval.world import HELD_OUT_TEMPLATE
+    from world.generator import HELD_OUT_TEMPLATE
 
     def frame(text: str) -> str:
         return " ".join(text.split()[:2])

@@ -1,4 +1,4 @@
-"""``builtin:world``: the byte-level BPE learned from the built-in world (align.data.world_tokenizer)."""
+"""``builtin:world``: the byte-level BPE learned from the built-in world (world.tokenizer)."""
 
 import json
 import subprocess
@@ -8,8 +8,8 @@ import pytest
 
 from align.config.specs import ModelSpec
 from align.data.chat import EOT, LLAMA3_SPECIAL_TOKENS, build_byte_tokenizer, tokenize_chat
-from align.data.world_tokenizer import WORLD_VOCAB_SIZE, build_world_tokenizer
-from eval.world import sft_records
+from world.generator import sft_records
+from world.tokenizer import WORLD_VOCAB_SIZE, build_world_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_loss_mask_covers_exactly_the_answers_and_their_termination(tok):
 
 def test_the_same_tokenizer_in_every_process():
     """Stages run in separate processes: the merges must not depend on hashing or thread order."""
-    code = ("from align.data.world_tokenizer import build_world_tokenizer;"
+    code = ("from world.tokenizer import build_world_tokenizer;"
             "print(build_world_tokenizer().backend_tokenizer.to_str())")
     outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")]

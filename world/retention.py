@@ -1,13 +1,13 @@
 """Multi-turn instruction retention (Llama 2 §3.3, Table 30): is a first-turn instruction still followed
 at turn 2, 4, 6, 8? Pure: no torch, no align.
 
-A *retention dialogue* is an instruction combination of the world (``rewards.world.INSTRUCTIONS``: upper
+A *retention dialogue* is an instruction combination of the world (``world.tasks.INSTRUCTIONS``: upper
 case, an end word, a word limit; one to three of distinct kinds, e.g. "Always answer in upper case.
 Always end your answer with the word done.") stated once, at turn 1, followed by ``turns`` ordinary
 helpfulness questions of the world. The instruction is the system turn (``placement="system"``) or is
 prefixed to the first user message (``placement="first_user"``); later user turns are the bare questions.
 
-Each turn is graded with the gold judge (:func:`rewards.gold.judge`) on the messages the model saw at that
+Each turn is graded with the gold judge (:func:`world.judge.judge`) on the messages the model saw at that
 turn: the judge reads the task from the last user turn and the instructions from *all* system and user
 turns, so the turn-1 instruction is enforced at every later turn. Two grades per turn:
 
@@ -17,7 +17,11 @@ turns, so the turn-1 instruction is enforced at every later turn. Two grades per
 
 Combinations are split by a stable hash (``combination_split``): about a quarter are held out for
 evaluation, so a model trained to retain the ``train`` combinations (e.g. by Ghost Attention) is measured
-on combinations it never saw, with questions from the held-out phrasings of :mod:`eval.world`.
+on combinations it never saw, with questions from the held-out phrasings of :mod:`world.generator`.
+
+The plug-in (:mod:`world.plugin`) registers this module as the ``retention`` suite ``world`` (the evaluation
+stage's ``retention:`` check, :mod:`align.stages.retention`) and :func:`training_instructions` as the GAtt
+instruction pool ``world``.
 """
 
 from __future__ import annotations
@@ -29,9 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 
-from eval.world import sample_task
-from rewards.gold import judge
-from rewards.world import (
+from world.generator import sample_task
+from world.judge import judge
+from world.tasks import (
     FAMILIES,
     HELPFULNESS_FAMILIES,
     INSTRUCTIONS,
@@ -133,6 +137,13 @@ def split_combinations(split: str) -> list[tuple[Instruction, ...]]:
     return [c for c in instruction_combinations() if combination_split(c) == split]
 
 
+def training_instructions() -> list[tuple[str, list[str]]]:
+    """(text, names) of every combination training may use: GAtt's ``instructions: {builtin: world}`` (the
+    plug-in's instruction pool ``world``). The combinations the multi-turn evaluation holds out are left out."""
+    return [(combination_text(combo), [f"{i.kind}:{i.arg}" if i.arg else i.kind for i in combo])
+            for combo in split_combinations("train")]
+
+
 # ---------------------------------------------------------------- dialogues
 
 
@@ -150,7 +161,7 @@ def retention_dialogues(n: int, turns: int, seed: int = 0, split: str = "eval") 
 
     Combinations of ``split`` are dealt in shuffled rounds (each used about equally often); the questions
     are helpfulness tasks only (no harmful requests, no look-alikes) of the same split of
-    :func:`eval.world.split_of` (held-out phrasings for "eval": none occurs in training data), distinct
+    :func:`world.generator.split_of` (held-out phrasings for "eval": none occurs in training data), distinct
     within a dialogue."""
     if turns < 1:
         raise ValueError(f"turns must be at least 1, got {turns}")
@@ -253,6 +264,12 @@ def retention_metrics(dialogues: Sequence[RetentionDialogue], responses: Sequenc
         metrics["retention/instruction_mean"] = sum(i for i, _ in flat) / len(flat)
         metrics["retention/task_mean"] = sum(c for _, c in flat) / len(flat)
     return metrics
+
+
+def describe(dialogue: RetentionDialogue) -> dict:
+    """What ``retention.jsonl`` records of a dialogue besides its messages and grades."""
+    return {"instruction": dialogue.instruction,
+            "combo": [f"{x.kind}:{x.arg}" if x.arg else x.kind for x in dialogue.combo]}
 
 
 def rates_by_turn(grades: Sequence[Sequence[tuple[bool, bool]]]) -> tuple[list[float], list[float]]:

@@ -21,7 +21,7 @@ _CORPUS_PREFERENCES = 2000
 
 
 def _corpus(byte_tokenizer) -> list[str]:
-    from eval.world import preference_records, sft_records
+    from world.generator import preference_records, sft_records
 
     texts = [byte_tokenizer.apply_chat_template([m.model_dump(exclude_none=True) for m in r.messages],
                                                 tokenize=False)

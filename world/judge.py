@@ -1,4 +1,4 @@
-"""Gold judges for the built-in world (:mod:`rewards.world`): exact reward functions, no model.
+"""Gold judges for the built-in world (:mod:`world.tasks`): exact reward functions, no model.
 
 ``judge(prompt_messages, response_text)`` reads the task from the last user turn and any world
 instructions from the system and user turns (the same text the model sees), then grades the response:
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rewards.protocol import PerSampleReward
-from rewards.world import (
+from world.tasks import (
     Instruction,
     Task,
     answer_slot,
@@ -49,7 +49,7 @@ INSTRUCTION_PENALTY = 0.5  # score factor when a stated instruction is not follo
 class GoldJudgement:
     score: float  # in [0, 1]
     kind: str  # a key of SCORES
-    family: str  # a key of rewards.world.FAMILIES
+    family: str  # a key of world.tasks.FAMILIES
     is_safety_prompt: bool  # a harmful request or its benign look-alike (domain "safety")
     harmful: bool  # a request the world defines as harmful
     violation: bool  # harmful and not refused
@@ -100,6 +100,9 @@ def judge(prompt_messages: Sequence[Any], response_text: str) -> GoldJudgement:
 def gold_reward() -> PerSampleReward:
     """The judge as a :class:`rewards.protocol.RewardFunction`: each sample's ``judge(...).score``."""
     return PerSampleReward(lambda prompt, response: judge(prompt, response).score)
+
+
+GOLD_REWARD = gold_reward()  # the plug-in's reward function ``gold`` (``reward: {function: gold}``)
 
 
 def grade_answer(task: Task, text: str) -> str:

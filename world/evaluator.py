@@ -13,6 +13,12 @@ prompt and reports, as a flat ``dict[str, float]``:
 - ``kl``: whatever ``kl(prompts, responses)`` returns (the align side computes it from log-probs).
 
 A rate whose prompt group is empty is left out.
+
+:class:`WorldEvaluator` is the same judge as an evaluator of align's stages (the protocol of
+:mod:`align.evaluators`), registered by the plug-in as ``evaluators: [world]``: the metrics above for a
+stage's answers, each answer's gold score (rejection sampling's ``gold_best_mean``, ``gold_sample_mean``,
+``gold_first_mean``; the evaluation stage's answer scores) and, for multi-turn data made with an
+instruction in sight (GAtt), ``gold_instruction_following`` and ``gold_task_accuracy``.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from rewards.gold import GoldJudgement, judge
+from world.judge import GoldJudgement, judge
 
 Prompts = list[list[dict]]
 Generate = Callable[[Prompts], Sequence[str]]
@@ -36,7 +42,7 @@ def as_messages(prompt: Any) -> list[dict]:
 def is_world_prompts(prompts: Sequence[Any]) -> bool:
     """Whether the prompts (records or message lists) are the built-in world's, which its gold judge reads
     (checked on the first 20)."""
-    from rewards.gold import read_prompt
+    from world.judge import read_prompt
 
     try:
         for p in prompts[:20]:
@@ -96,3 +102,37 @@ def _accurate(j: GoldJudgement) -> bool:
 
 def _mean(values: Sequence[float]) -> float | None:
     return float(sum(values)) / len(values) if values else None
+
+
+class WorldEvaluator:
+    """The gold judge as an evaluator (:mod:`align.evaluators`); prompts the judge cannot read (not the
+    world's) give no metrics."""
+
+    name = "gold"  # rejection sampling reports gold_best_mean, gold_sample_mean, gold_first_mean
+
+    def __call__(self, prompts: Sequence[Any], responses: Sequence[str]) -> dict[str, float]:
+        """One answer per prompt (the evaluation stage, PPO's rollouts): :func:`world_metrics`."""
+        return world_metrics(prompts, responses) if is_world_prompts(prompts) else {}
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[str]) -> list[float] | None:
+        """Each response's gold score (None: not world prompts)."""
+        if not is_world_prompts(prompts):
+            return None
+        return [judge(as_messages(p), r).score for p, r in zip(prompts, responses, strict=True)]
+
+    def turns(self, prompts: Sequence[Any], responses: Sequence[str]) -> dict[str, float]:
+        """Multi-turn data, each answer judged on the messages the model saw (the instruction before every
+        user message): how often the instruction was followed and the task answered correctly."""
+        followed, correct = [], []
+        for seen, answer in zip(prompts, responses, strict=True):
+            try:
+                j = judge(seen, answer)
+            except ValueError:  # not a world question
+                return {}
+            followed.append(bool(j.instruction_ok))
+            correct.append(_accurate(j))
+        n = max(len(followed), 1)
+        return {"gold_instruction_following": sum(followed) / n, "gold_task_accuracy": sum(correct) / n}
+
+
+EVALUATOR = WorldEvaluator()  # the plug-in's evaluator ``world``

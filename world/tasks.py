@@ -23,7 +23,7 @@ Only arithmetic answers echo the question: with the operands right before the su
 to add several times faster; elsewhere an echo would only be copying, which a tiny model learns last.
 
 Everything here is parsed from the text a model sees (no hidden task id), so the gold judge
-(:mod:`rewards.gold`) only knows what the model knows.
+(:mod:`world.judge`) only knows what the model knows.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-turn chats of the built-in world (:mod:`eval.world`): chat-like SFT data and the long dialogues
+"""Multi-turn chats of the built-in world (:mod:`world.generator`): chat-like SFT data and the long dialogues
 Ghost Attention builds its data from. Generated deterministically from a seed."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from data_schemas import Message, SFTRecord
-from eval.world import SOURCE, _sft_response, respond, sample_task, sft_records
+from world.generator import SOURCE, _sft_response, respond, sample_task, sft_records
 
 # World chats shaped more like real chat data (``chat_records``): mostly the short chats of ``sft_records``,
 # plus long dialogues without a standing instruction (real long chats rarely carry one) and short chats
@@ -25,7 +25,7 @@ def chat_records(n: int, seed: int = 0) -> list[SFTRecord]:
     message, followed by the answers. A model
     trained on it handles long dialogues and follows instructions near them, but has never had to keep an
     instruction over many turns: the setting Ghost Attention is for."""
-    from eval.instruction_retention import combination_text, follow_all, split_combinations
+    from world.retention import combination_text, follow_all, split_combinations
 
     rng = random.Random(f"world-chat:{seed}")
     short = iter(sft_records(n, seed))
