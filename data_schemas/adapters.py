@@ -131,47 +131,61 @@ def adapt_preference(row: dict[str, Any]) -> tuple[dict[str, Any], PathMap]:
     pm = PathMap()
     out = dict(row)
     if "margin" in out:  # TRL RewardTrainer column -> meta
-        margin = out.pop("margin")
-        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
-            raise RowError("margin", f"expected a number, got {json_type(margin)}")
-        if isinstance(out.get("meta", {}), dict):
-            out["meta"] = {**out.get("meta", {}), "margin": float(margin)}
+        _margin_to_meta(out)
     if "chosen" in out or "rejected" in out:
-        if "responses" in out:
-            raise RowError("responses", "cannot be combined with 'chosen'/'rejected'")
-        for k in ("chosen", "rejected"):
-            if k not in out:
-                raise RowError(k, "missing field")
-        chosen, rejected = out.pop("chosen"), out.pop("rejected")
-        if "prompt" not in out:
-            out["prompt"], out["responses"] = _implicit_prompt(chosen, rejected, pm)
+        if _chosen_rejected(out, pm):
             return out, pm
-        responses = []
-        for j, (name, value) in enumerate((("chosen", chosen), ("rejected", rejected))):
-            msgs, form = _as_messages(value, name, "assistant")
-            if len(msgs) != 1:
-                raise RowError(name, f"must hold exactly one assistant message (got {len(msgs)})")
-            responses.append(msgs[0])
-            _map_seq(pm, ("responses",), j, name, msgs, form)
-        out["responses"] = responses
     elif isinstance(out.get("responses"), list):  # native [msg, ...] or ranked [[msg], ...] or strings
-        responses = []
-        for i, v in enumerate(out["responses"]):
-            if isinstance(v, str):
-                responses.append({"role": "assistant", "content": v})
-                pm.add(("responses", i), ("responses", i), keep_rest=False)
-            elif isinstance(v, list):
-                if len(v) != 1:
-                    raise RowError(
-                        f"responses.{i}", f"must hold exactly one assistant message (got {len(v)})"
-                    )
-                responses.append(v[0])
-                pm.add(("responses", i), ("responses", i, 0))
-            else:
-                responses.append(v)
-        out["responses"] = responses
+        out["responses"] = _ranked_responses(out["responses"], pm)
     _prompt(out, pm)
     return out, pm
+
+
+def _margin_to_meta(out: dict[str, Any]) -> None:
+    margin = out.pop("margin")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise RowError("margin", f"expected a number, got {json_type(margin)}")
+    if isinstance(out.get("meta", {}), dict):
+        out["meta"] = {**out.get("meta", {}), "margin": float(margin)}
+
+
+def _chosen_rejected(out: dict[str, Any], pm: PathMap) -> bool:
+    """TRL's ``chosen``/``rejected`` columns -> ``responses`` (in place); True when the prompt was implicit
+    (the common start of both conversations) and the row is complete."""
+    if "responses" in out:
+        raise RowError("responses", "cannot be combined with 'chosen'/'rejected'")
+    for k in ("chosen", "rejected"):
+        if k not in out:
+            raise RowError(k, "missing field")
+    chosen, rejected = out.pop("chosen"), out.pop("rejected")
+    if "prompt" not in out:
+        out["prompt"], out["responses"] = _implicit_prompt(chosen, rejected, pm)
+        return True
+    responses = []
+    for j, (name, value) in enumerate((("chosen", chosen), ("rejected", rejected))):
+        msgs, form = _as_messages(value, name, "assistant")
+        if len(msgs) != 1:
+            raise RowError(name, f"must hold exactly one assistant message (got {len(msgs)})")
+        responses.append(msgs[0])
+        _map_seq(pm, ("responses",), j, name, msgs, form)
+    out["responses"] = responses
+    return False
+
+
+def _ranked_responses(values: list, pm: PathMap) -> list:
+    responses = []
+    for i, v in enumerate(values):
+        if isinstance(v, str):
+            responses.append({"role": "assistant", "content": v})
+            pm.add(("responses", i), ("responses", i), keep_rest=False)
+        elif isinstance(v, list):
+            if len(v) != 1:
+                raise RowError(f"responses.{i}", f"must hold exactly one assistant message (got {len(v)})")
+            responses.append(v[0])
+            pm.add(("responses", i), ("responses", i, 0))
+        else:
+            responses.append(v)
+    return responses
 
 
 def adapt_prompt(row: dict[str, Any]) -> tuple[dict[str, Any], PathMap]:

@@ -110,7 +110,6 @@ class Checkpoints:
     def problem(self, path: Path, state: dict) -> str | None:
         """Why the checkpoint at ``path`` (loop state ``state``) cannot be loaded into this accelerator, or
         None; reads headers, CRCs and small pickles (``weights_only=True``), loads no tensor."""
-        acc = self.accelerator
         planted = sorted(p.name for p in path.glob("custom_checkpoint_*.pkl"))
         if planted:
             return f"holds {', '.join(planted)}: pickled state, never loaded (not written by this version)"
@@ -125,7 +124,10 @@ class Checkpoints:
                 return f"{name} is missing"
             if f.stat().st_size != size:
                 return f"{name} has {f.stat().st_size} bytes, {size} were written"
-        for i, model in enumerate(getattr(acc, "_models", [])):
+        return self._model_problem(path) or self._state_file_problem(path)
+
+    def _model_problem(self, path: Path) -> str | None:
+        for i, model in enumerate(getattr(self.accelerator, "_models", [])):
             end = f"_{i}" if i else ""
             weights = path / f"model{end}.safetensors"
             if weights.is_file():
@@ -134,6 +136,10 @@ class Checkpoints:
                 problem = _torch_file_problem(path / f"pytorch_model{end}.bin")
             if problem:
                 return problem
+        return None
+
+    def _state_file_problem(self, path: Path) -> str | None:
+        acc = self.accelerator
         for i, opt in enumerate(getattr(acc, "_optimizers", [])):
             problem = _torch_file_problem(path / (f"optimizer_{i}.bin" if i else "optimizer.bin"), opt)
             if problem:

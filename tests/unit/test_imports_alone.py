@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("align", "rewards", "eval", "data_schemas")
+PACKAGES = ("align", "rewards", "eval", "data_schemas", "world")
 # Optional extras a module may import at its top; a module is skipped only when one of these is missing.
 OPTIONAL = frozenset({"vllm", "gguf", "trl", "deepspeed", "bitsandbytes", "flash_attn", "liger_kernel"})
 BATCHES = 3
