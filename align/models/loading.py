@@ -6,6 +6,7 @@ loads them with no align code. With LoRA, the merged model is saved there and th
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,10 @@ BUILTIN_MODEL = "builtin:tiny"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+class NoChatTemplate(UserWarning):
+    """A tokenizer came without a chat template and the Llama 3 template is used."""
+
+
 def load_tokenizer(spec: ModelSpec, model_path: str):
     """The tokenizer for ``spec``; adds the Llama 3 chat template (and its special tokens) if missing."""
     source = spec.tokenizer or hf_folder(spec, model_path)
@@ -29,6 +34,10 @@ def load_tokenizer(spec: ModelSpec, model_path: str):
     tok = AutoTokenizer.from_pretrained(source)
     if not getattr(tok, "chat_template", None):
         missing = [t for t in LLAMA3_SPECIAL_TOKENS if t not in tok.get_vocab()]
+        warnings.warn(f"the tokenizer of {source} has no chat template: align uses the Llama 3 template"
+                      + (f" and adds its special tokens {missing} (the embeddings grow)" if missing else "")
+                      + "; give a tokenizer with a template (model.tokenizer) to use another", NoChatTemplate,
+                      stacklevel=2)
         if missing:
             tok.add_special_tokens({"additional_special_tokens": missing})
         tok.chat_template = LLAMA3_CHAT_TEMPLATE

@@ -223,12 +223,22 @@ def score_candidates(stage: RejectionSamplingStage, ctx: StageContext, prompts,
     return scores, untagged, by_safety
 
 
+def run_relative(model: str, out_dir: str | Path) -> str:
+    """A model folder inside this run as a path relative to the run folder (``round_1/sft/model``: records
+    stay valid when the run folder moves); a model elsewhere, or a hub id, as given."""
+    run_dir = Path(out_dir).resolve().parent.parent  # OUTPUT_DIR/NAME/round_K/STAGE
+    try:
+        return str(Path(model).resolve().relative_to(run_dir))
+    except ValueError:
+        return model
+
+
 def keep_best(stage: RejectionSamplingStage, ctx: StageContext, prompts, samples: Samples,
               scores: list[list[float]]) -> Kept:
     """Each prompt's best candidate as an SFT record, (best, worst) as a pair when their gap exceeds
     ``min_pair_gap``, and every candidate as a scored sample."""
     kept = Kept()
-    provenance = {"model": ctx.model_path(stage.model), "round": ctx.round, "k": stage.k,
+    provenance = {"model": run_relative(ctx.model_path(stage.model), ctx.out_dir), "round": ctx.round, "k": stage.k,
                   "temperature": stage.sampling.temperature, "stage": stage.name}
     for i, (p, cands) in enumerate(zip(prompts, samples.candidates, strict=True)):
         s = scores[i]

@@ -95,7 +95,7 @@ def fit(task: Task, cfg: TrainConfig, ctx: StageContext) -> StageResult:
     before = task.evaluate()
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, name)
     if built.log_before and before:
-        logger.log(0, before, prefix=built.log_before)
+        logger.log(0, before, prefix=built.log_before, replace=True)  # a resumed run: once
     total, trainable = count_parameters(built.module)
     accelerator.print(f"[{name}] {built.banner}, {total / 1e6:.2f}M parameters ({trainable / 1e6:.2f}M trainable)")
     for note in built.notes:

@@ -35,9 +35,15 @@ class MetricsLogger:
                 if bad is None and isinstance(row, dict) and row.get("step", 0) <= step]
         write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
-    def log(self, step: int, metrics: dict, prefix: str = "train") -> None:
+    def log(self, step: int, metrics: dict, prefix: str = "train", replace: bool = False) -> None:
+        """Append a row of ``metrics`` under ``prefix/``; ``replace``: first drop an earlier row of the same step
+        and prefix (a resumed run logs its held-out numbers before training again)."""
         if not self.enabled:
             return
+        if replace and self.path.exists():
+            keep = [row for _, row, bad in read_json_lines(self.path) if bad is None and isinstance(row, dict)
+                    and not (row.get("step") == step and any(k.startswith(f"{prefix}/") for k in row))]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         row = {"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
         append_line(self.path, json.dumps(_finite_or_null(row), allow_nan=False))  # NaN is not JSON
         if self._tb is not None:
