@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 from align.config.recipe import STAGE_BY_KIND, RecipeError, dump_recipe, load_recipe
@@ -21,10 +23,24 @@ examples:
 """
 
 
+def _load(args, run: bool):
+    """The recipe with its overrides, checked (files, hub models, what the stages would find in their
+    records, for a run the run folder)."""
+    from align.command_checks import recipe_problems
+    from align.data.record_checks import check_records
+
+    overrides = list(args.overrides)
+    if getattr(args, "output_dir", None):  # from the shell's folder: absolute, so '..' is fine here
+        overrides.append(f"output_dir={json.dumps(os.path.abspath(os.path.expanduser(args.output_dir)))}")
+    recipe = load_recipe(args.recipe, overrides)
+    problems = recipe_problems(recipe, run) + check_records(recipe)
+    if problems:
+        raise RecipeError(args.recipe, problems)
+    return recipe
+
+
 def _cmd_run(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
-    if args.output_dir:
-        recipe.output_dir = args.output_dir
+    recipe = _load(args, run=True)
     from align.runner import run_recipe  # imports torch: only after the recipe is known to be valid
 
     records = run_recipe(recipe)
@@ -38,11 +54,11 @@ def _cmd_run(args) -> int:
 def _cmd_report(args) -> int:
     from pathlib import Path
 
-    from align.report import print_report
+    from align.report import ReportError, print_report
 
     try:
         print(print_report(Path(args.run_dir)))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ReportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"\nevery metric: {Path(args.run_dir) / 'report.md'}")
@@ -50,7 +66,7 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load(args, run=False)
     print(dump_recipe(recipe), end="")
     print(f"# ok: {len(recipe.stages)} stage(s), {recipe.rounds} round(s)", file=sys.stderr)
     return 0
@@ -84,13 +100,17 @@ def _cmd_options(args) -> int:
 
 
 def _register_eval_commands(sub) -> None:
-    """One line per ``align eval X`` command; each module adds its own subparser (``add_command``)."""
+    """One line per ``align eval X`` command; each module adds its own subparser (``add_command``), and
+    :mod:`align.command_checks` checks its arguments before it runs (``check``)."""
+    from align import command_checks
     from eval.reward_model import add_command as add_reward_model_command  # align eval reward-model
 
     add_reward_model_command(sub)
+    sub.choices["reward-model"].set_defaults(check=command_checks.eval_reward_model)
     from align.stages.policy_command import add_command as add_policy_command  # align eval policy
 
     add_policy_command(sub)
+    sub.choices["policy"].set_defaults(check=command_checks.eval_policy)
 
 
 def _register_data_commands(sub) -> None:
@@ -164,21 +184,46 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args.func(args)
-    except RecipeError as err:
+        return _checked(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 (every error ends here: a message, or a traceback for a bug)
+        return _failed(err)
+
+
+def _checked(args) -> int:
+    """The command, after the checks of its arguments (``check``, set with its subparser) found nothing."""
+    from align.command_checks import CommandError
+
+    problems = args.check(args) if getattr(args, "check", None) else []
+    if problems:
+        raise CommandError(problems)
+    return args.func(args)
+
+
+def _failed(err: Exception) -> int:
+    """One line per problem and exit code 2 for bad input (the recipe, arguments, data, files: what the
+    user can fix); a stage that failed reports its own way; anything else is a bug: its traceback, a line
+    asking to report it, exit code 1."""
+    import traceback
+
+    from align.command_checks import CommandError
+    from align.runtime import REPORT_BUG, StageFailed, StageInputError
+    from data_schemas import DataError
+
+    if isinstance(err, StageFailed):  # the stage's process printed any traceback already
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if err.user_error else 1
+    if isinstance(err, CommandError):
+        print("\n".join(f"error: {p}" for p in err.problems), file=sys.stderr)
+        return 2
+    if isinstance(err, (RecipeError, DataError, StageInputError, OSError)):  # OSError: a file, the disk
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # user-facing input errors carry their own message
-        from align.runtime import StageFailed, StageInputError
-        from data_schemas import DataError
-
-        if isinstance(err, (DataError, StageInputError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        if isinstance(err, StageFailed):  # the stage's process printed any traceback already
-            print(f"error: {err}", file=sys.stderr)
-            return 2 if err.user_error else 1
-        raise
+    traceback.print_exception(err)
+    print(REPORT_BUG, file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -56,3 +56,44 @@ def vllm_load_weights(llm, weights) -> None:
     reset = getattr(llm, "reset_prefix_cache", None)
     if callable(reset):
         reset()
+
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face hub is off limits: ``HF_HUB_OFFLINE`` (or the older ``TRANSFORMERS_OFFLINE``)
+    as ``huggingface_hub`` read it at import (``constants.HF_HUB_OFFLINE``, in every release transformers
+    4.56 accepts; ``is_offline_mode()`` only in recent ones). Remove when the floor has ``is_offline_mode``."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_problem(repo_id: str, filename: str = "config.json") -> str | None:
+    """Why the hub model ``repo_id`` cannot be loaded (None: it can), in one request at most: on an
+    unreachable hub, transformers 5 / huggingface_hub 1+ retry with back-off for a minute or more (longer
+    for a cached model) before they fail. Offline (:func:`hub_offline`) the Hugging Face cache must hold
+    ``filename`` of it; online the hub must answer for it. Remove when huggingface_hub fails fast on an
+    unreachable hub."""
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.utils import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except ValueError as err:  # huggingface_hub's HFValidationError: e.g. '--' or '..' in the id
+        return f"no such folder, and '{repo_id}' is no hub id either ({str(err).splitlines()[0][:120]})"
+    if hub_offline():
+        return None if cached else (f"'{repo_id}' is neither a local folder nor in the Hugging Face cache, and "
+                                    "HF_HUB_OFFLINE is set: give a local folder or download it first")
+    try:
+        model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return None if cached else (f"'{repo_id}' is gated on the Hugging Face hub: accept its terms there and "
+                                    "log in (hf auth login), or give a local folder")
+    except RepositoryNotFoundError:
+        return f"'{repo_id}' is neither a local folder nor a model on the Hugging Face hub"
+    except Exception as err:  # noqa: BLE001 (no network, a proxy, a timeout: the hub cannot be reached)
+        hint = "set HF_HUB_OFFLINE=1 to use the copy in the Hugging Face cache" if cached else \
+            "give a local folder (or download it where there is a network)"
+        return (f"'{repo_id}' is not a local folder and the Hugging Face hub cannot be reached (no network? "
+                f"{str(err).splitlines()[0][:120]}): {hint}")
+    return None

@@ -37,7 +37,7 @@ KINDS = {  # kind -> what an entry is
     "evaluator": "an evaluator (align.evaluators): evaluators: [NAME]",
     "instructions": "fn() -> [(text, names)], GAtt's instruction pool: instructions: {builtin: NAME}",
     "retention": "a multi-turn retention suite (align.stages.retention)",
-    "data_command": "add_command(subparsers): align data NAME",
+    "data_command": "add_command(subparsers): align data NAME (a check=fn(args) -> problems default runs first)",
 }
 DOTTED = ("reward", "evaluator")  # kinds a recipe may also give as "package.module:attribute"
 

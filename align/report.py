@@ -215,11 +215,43 @@ def write_report(run_dir: Path, name: str, records: list[dict], write=None) -> N
     write(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
+class ReportError(ValueError):
+    """A ``report.json`` that cannot be read or is not one align wrote."""
+
+
 def print_report(run_dir: Path) -> str:
     """The compact table of ``run_dir/report.json``, for a terminal."""
     path = Path(run_dir) / "report.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no report (has `align run` finished in this folder?)")
-    records = json.loads(path.read_text())
+    try:
+        records = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ReportError(f"{path}: cannot be read ({err}); `align run` writes it again") from None
+    if not isinstance(records, list):
+        raise ReportError(f"{path}: expected a list of stage records, got {type(records).__name__}; not a report "
+                          "align wrote (`align run` writes it again)")
+    for k, record in enumerate(records):
+        why = _record_problem(record)
+        if why is not None:
+            raise ReportError(f"{path}: record {k}: {why}; not a report align wrote (`align run` writes it again)")
     header, rows = compact_rows(records)
     return text_table(header, rows)
+
+
+def _record_problem(record) -> str | None:
+    """What the compact table cannot read in one record of ``report.json`` (None: nothing)."""
+    if not isinstance(record, dict):
+        return f"expected an object, got {type(record).__name__}"
+    missing = [k for k in ("round", "stage", "kind", "metrics") if k not in record]
+    if missing:
+        return f"no {', '.join(missing)}"
+    if not isinstance(record["stage"], str) or not isinstance(record["kind"], str):
+        return "stage and kind must be text"
+    if not isinstance(record["metrics"], dict):
+        return "metrics is not an object"
+    bad = [k for k, v in record["metrics"].items() if v is not None and not isinstance(v, (int, float))]
+    if bad:
+        return f"metric {bad[0]!r} is not a number"
+    seconds = record.get("stage_seconds")
+    return None if seconds is None or isinstance(seconds, (int, float)) else "stage_seconds is not a number"

@@ -33,8 +33,16 @@ from types import ModuleType
 from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
 from align.io_atomic import write_text_atomic
-from align.run_folders import check_made_by_align, settle_swap, swap, work_dir
+from align.run_folders import (
+    check_made_by_align,
+    check_run_folder,
+    mark_run_folder,
+    settle_swap,
+    swap,
+    work_dir,
+)
 from align.runtime import (
+    REPORT_BUG,
     StageContext,
     StageFailed,
     StageInputError,
@@ -196,6 +204,7 @@ def _stage_process(recipe_file: str, stage_name: str, round_: int, fp: str, work
     except BaseException as err:  # noqa: BLE001 (reported to the parent, which raises)
         if not _user_error(err):
             traceback.print_exc()
+            print(REPORT_BUG, file=sys.stderr)
         conn.send((_user_error(err), f"{type(err).__name__}: {err}"))
         sys.stdout.flush()
         sys.stderr.flush()
@@ -300,10 +309,12 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
 
     Holds the run folder's lock throughout (a second run into the same folder stops at once). A stage whose
     finished result is of another configuration is rebuilt beside it (``NAME.next``) and swapped in only
-    when complete: a failed or killed rerun loses nothing that was finished."""
+    when complete: a failed or killed rerun loses nothing that was finished. A run folder that holds files
+    align did not write is refused before anything is written (:func:`align.run_folders.check_run_folder`)."""
     from align.run_lock import run_folder_lock
 
     run_dir = recipe.run_dir
+    check_run_folder(run_dir)  # before the lock, which writes its files into the folder
     with run_folder_lock(run_dir):
         return _run_locked(recipe, run_dir, log)
 
@@ -311,9 +322,11 @@ def run_recipe(recipe: Recipe, log=print) -> list[dict]:
 def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
     resolved = run_dir / "resolved.yaml"
     running = run_dir / "resolved.running.yaml"  # what this run's stages read; becomes resolved.yaml at the end
-    write_text_atomic(running, dump_recipe(recipe))
-    for round_, stage in _schedule(recipe):  # before any work: no stage may write where align did not
+    for round_, stage in _schedule(recipe):  # before any work: no stage may write where align did not,
         check_made_by_align(stage_dir(recipe, round_, stage.name))
+        read_result(stage_dir(recipe, round_, stage.name))  # and a damaged result.json stops the run
+    mark_run_folder(run_dir)
+    write_text_atomic(running, dump_recipe(recipe))
     records, worked = [], False
     all_fps: dict[int, dict[str, str]] = {}
     for round_, stage in _schedule(recipe):
@@ -379,6 +392,16 @@ def _child_main(argv=None) -> None:
     except (StageInputError, StageStopped) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to exit-time destructors, gloo's
+    threads can abort a finished process ("terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ class StageStopped(RuntimeError):
     """A stage stopped for a reason its message tells the user how to fix (e.g. training diverged)."""
 
 
+REPORT_BUG = ("this is a bug in align, not a problem with your input: please report it with the command "
+              "and the traceback above")
+
+
 class StageFailed(RuntimeError):
     """A stage's process ended with an error. ``user_error``: bad input (the message says what), not a bug."""
 
@@ -135,8 +139,20 @@ def read_result(out_dir: Path, root: Path | None = None) -> tuple[str | None, St
     path = out_dir / "result.json"
     if not path.exists():
         return None, None
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise _damaged(path, f"cannot be read ({err})") from None
+    if not isinstance(data, dict) or not all(isinstance(data.get(k, {}), dict) for k in ("artifacts", "metrics")):
+        raise _damaged(path, "is not a stage result")
     try:
         return data.get("fingerprint"), StageResult.from_json(data, root)
     except ValueError:  # written by an older version with other artifact names: run the stage again
         return None, None
+
+
+def _damaged(path: Path, why: str) -> StageInputError:
+    """A ``result.json`` the runner did not write as it is (it writes it whole, atomically): refused, not
+    rebuilt over, since what the stage left beside it may be what the user wants to keep."""
+    return StageInputError(f"{path} {why}: align writes it whole, so something else changed it; delete it "
+                           "to run the stage again")

@@ -174,6 +174,8 @@ def read_jsonl(
         raise DataError("file not found", path=path) from None
     except IsADirectoryError:
         raise DataError("is a directory, not a JSONL file", path=path) from None
+    except OSError as e:  # e.g. PermissionError
+        raise DataError(f"cannot read: {e.strerror or e}", path=path) from None
     with f:
         for n, raw in enumerate(f, 1):
             if limit is not None and len(out) >= limit:

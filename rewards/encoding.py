@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+MIN_MAX_LENGTH = 2  # the shortest truncation length: one prompt token and one response token
+
 
 class EncodingError(ValueError):
     """The tokenizer's chat template cannot split a conversation into prompt and response tokens."""
@@ -130,8 +132,8 @@ def truncate(
     prompt, responses = list(prompt_ids), [list(r) for r in responses_ids]
     if max_length is None:
         return prompt, responses
-    if max_length < 2:
-        raise ValueError("max_length must be at least 2 (one prompt and one response token)")
+    if max_length < MIN_MAX_LENGTH:
+        raise ValueError(f"max_length must be at least {MIN_MAX_LENGTH} (one prompt and one response token)")
     keep = max_length // 2 if max_prompt_length is None else max_prompt_length
     keep = max(1, min(keep, max_length - 1))
     if len(prompt) > keep:

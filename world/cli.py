@@ -49,7 +49,14 @@ def add_command(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0, help="generation seed (default 0)")
     p.add_argument("--size", choices=sorted(SIZES), default="default", help="record counts (default: default)")
-    p.set_defaults(func=_cmd_world)
+    p.set_defaults(func=_cmd_world, check=_check_world)
+
+
+def _check_world(args) -> list[str]:
+    """Problems with the arguments, one line each (``align`` prints them before the command runs)."""
+    out = Path(args.out).expanduser()
+    blocker = next((f for f in [out, *out.parents] if f.exists() and not f.is_dir()), None)
+    return [f"--out: {blocker} is a file, not a folder"] if blocker is not None else []
 
 
 def _cmd_world(args) -> int:

@@ -21,6 +21,7 @@ from align.config.file_checks import (
     check_lora_targets,
     check_model_path,
 )
+from align.config.model_checks import check_models
 from align.config.specs import PREV, as_refs
 
 
@@ -88,6 +89,8 @@ def check_recipe(stages: list[StageBase], rounds: int, contents: bool = True) ->
             problems += _check_references(where, inp, seen, set(every), produced, kinds)
             problems += _check_files(where, inp, contents)
         seen.add(stage.name)
+    if contents:
+        problems += check_models(stages, produced)
     return problems
 
 
@@ -149,10 +152,19 @@ def _check_data_paths(where, inp: Input, contents: bool) -> list[str]:
     kind = RECORD_KIND.get(inp.accepts[0]) if inp.accepts and contents else None
     for k, path in enumerate(getattr(spec, "paths", None) or []):
         if not Path(path).is_file():
-            problems.append(f"{where}.paths[{k}]: file not found: {path}")
+            problems.append(f"{where}.paths[{k}]: {_not_a_file(path)}")
         elif kind is not None:
             problems += check_data_file(f"{where}.paths[{k}]", path, kind, getattr(spec, "skip_bad_rows", False))
     return problems
+
+
+def _not_a_file(path: str) -> str:
+    """Why a data path that is not a regular file cannot be read."""
+    if Path(path).is_dir():
+        return f"data file not found: {path} is a folder; name a JSONL file inside it"
+    if Path(path).exists():
+        return f"{path} is not a regular file (a device, pipe or socket); name a JSONL file"
+    return f"file not found: {path}"
 
 
 def _check_builtin(where, inp: Input) -> list[str]:

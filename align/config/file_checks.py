@@ -8,6 +8,7 @@ and field where there is one).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -90,7 +91,9 @@ def check_model_folder(where: str, folder: Path, has_tokenizer: bool, lora) -> l
         json.loads(config.read_text())
     except FileNotFoundError:
         problems.append(f"{where}: {folder} has no config.json (not a Hugging Face model folder)")
-    except (OSError, ValueError) as err:
+    except OSError as err:
+        problems.append(f"{where}: {config}: cannot read ({err.strerror or err})")
+    except ValueError as err:
         problems.append(f"{where}: {config}: not valid JSON ({err})")
     shards = weight_files(folder)
     if not shards and not any(folder.glob("pytorch_model*.bin")):
@@ -123,19 +126,41 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # what scripts/fetch_smollm2.p
 
 
 def check_gguf(where: str, path: str, gguf_file: str) -> list[str]:
-    """A GGUF file that exists, starts with the GGUF magic, and a ``gguf`` package to read it."""
+    """A GGUF file that exists, starts with the GGUF magic, a ``gguf`` package, and a file it can read."""
     import importlib.util
 
     file = Path(path).expanduser() / gguf_file
     if not file.is_file():
         hint = " (fetch it with: python scripts/fetch_smollm2.py --gguf)" if gguf_file == SMOLLM2_GGUF else ""
         return [f"{where}.gguf_file: no such file: {file}{hint}"]
-    with file.open("rb") as f:
-        if f.read(4) != b"GGUF":
-            return [f"{where}.gguf_file: {file} is not a GGUF file (no GGUF magic)"]
+    try:
+        with file.open("rb") as f:
+            magic = f.read(4)
+    except OSError as err:
+        return [f"{where}.gguf_file: {file}: cannot read ({err.strerror or err})"]
+    if magic != b"GGUF":
+        return [f"{where}.gguf_file: {file} is not a GGUF file (no GGUF magic)"]
     if importlib.util.find_spec("gguf") is None:
         return [f"{where}.gguf_file: reading GGUF needs the gguf package: pip install 'align[gguf]'"]
-    return []
+    st = file.stat()
+    why = gguf_problem(str(file.resolve()), st.st_size, st.st_mtime_ns)
+    return [f"{where}.gguf_file: {file}: {why}"] if why else []
+
+
+@functools.cache
+def gguf_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why the gguf package cannot read ``path`` (None: it can), read as the conversion will read it:
+    a file cut short or garbage after the magic fails here, not in the stage. About 2 s for a 100 MB
+    model (its vocabulary), so once per file version (``size``, ``mtime_ns``) and process."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # noqa: BLE001 (the reader raises whatever a damaged file leads it to)
+        return f"damaged or not a GGUF model: the gguf package cannot read it ({type(err).__name__}: {err})"
+    if not reader.tensors:
+        return "holds no tensors (not a GGUF model)"
+    return None
 
 
 def check_model_path(where: str, path: str, has_tokenizer: bool, lora) -> list[str]:

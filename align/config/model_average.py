@@ -11,6 +11,10 @@ from pydantic import Field, model_validator
 from align.config.base import MODELS, Artifact, Consumes, StageBase
 from align.config.specs import Strict
 
+# config.json keys that may differ between runs of one architecture (align.stages.model_average compares the rest)
+BOOKKEEPING_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
+                              "_commit_hash", "_attn_implementation_autoset"})
+
 
 class CheckpointRef(Strict):
     """A saved HF checkpoint: a local folder, or the model output of an earlier stage."""

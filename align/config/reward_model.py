@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from align.config.base import MODELS, Artifact, Consumes, StageBase
 from align.config.specs import DataSpec, ModelSpec, OptimConfig, TrainConfig
 from data_schemas import STRENGTHS, Strength
+from rewards.encoding import MIN_MAX_LENGTH
 
 
 def _rm_train() -> TrainConfig:
@@ -76,6 +77,9 @@ class RewardModelStage(StageBase):
         if self.train.snapshot_every:
             raise ValueError("train.snapshot_every writes policy snapshots; a reward model has none (use "
                              "save_every for checkpoints)")
+        if self.train.max_length < MIN_MAX_LENGTH:
+            raise ValueError(f"train.max_length must be at least {MIN_MAX_LENGTH} for a reward model (a prompt "
+                             "token and a response token; a useful length holds the prompt and the responses)")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.train.max_length:
             raise ValueError("max_prompt_length must be smaller than train.max_length")
         return self

@@ -209,6 +209,23 @@ class OptimConfig(Strict):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm (null: off)")
 
 
+class DivergenceConfig(Strict):
+    """When a finished training run counts as diverged: the stage then stops with an error and saves nothing.
+    Checked once, after the last step (during training the loop stops at the first non-finite loss or
+    gradient, and after it non-finite weights always stop the stage). null turns a check off."""
+
+    max_loss_rise: float | None = Field(
+        0.5, gt=0, description="stop when the mean training loss of the last 5 steps is above that of the "
+        "first 5 by more than this fraction of it (0.5: 50% worse at the end than at the start; runs under 10 "
+        "steps compare their halves, a 1-step run is not checked). Not read by PPO, whose loss need not fall",
+    )
+    max_weight_growth: float | None = Field(
+        10.0, gt=1, description="stop when the norm of all the trained module's weights grew more than this "
+        "factor from the start of the stage (a learning rate far too high: the weights blow up while the loss "
+        "can stay flat, e.g. a reward model stuck at loss ln 2). The default round's stages grow 1.0-2.0x",
+    )
+
+
 class TrainConfig(Strict):
     """The training loop: batch geometry, length, precision, checkpoints and logging."""
 
@@ -240,6 +257,10 @@ class TrainConfig(Strict):
         default_factory=lambda: ["tensorboard"], description="metric sinks besides metrics.jsonl"
     )
     optim: OptimConfig = Field(default_factory=OptimConfig, description="optimizer and schedule")
+    divergence: DivergenceConfig | None = Field(
+        default_factory=DivergenceConfig, description="when a finished run counts as diverged, so the stage "
+        "stops and saves nothing (null: both checks off; the check for non-finite weights stays)",
+    )
 
 
 class LaunchConfig(Strict):

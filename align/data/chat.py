@@ -170,6 +170,14 @@ def tokenize_prompt(tokenizer, messages: Sequence) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def formatting_ids(tokenizer, setting) -> frozenset[int]:
+    """DPO's ``formatting_tokens`` setting -> the ids masked out of its loss: ``off`` none, ``auto`` the
+    template's (:func:`formatting_token_ids`), or the listed tokens."""
+    if setting == "off":
+        return frozenset()
+    return formatting_token_ids(tokenizer, None if setting == "auto" else setting)
+
+
 def formatting_token_ids(tokenizer, explicit: Sequence[str] | None = None) -> frozenset[int]:
     """Ids of the chat format's header and termination tokens (what DPO masks).
 

@@ -20,7 +20,7 @@ end of the prompt are tokenized from the text boundary (``boundary_adjusted``). 
 and those counts come from :func:`align.data.encode.encode_preference` (the reward model's encoder too), with
 DPO's truncation (``"cut_end"``: the prompt is kept whole, responses lose their end).
 
-:func:`load_preferences` returns every record; the stages split them with
+:func:`load_preferences` (in :mod:`align.data.sources`, no torch) returns every record; the stages split them with
 :func:`align.data.sources.split_by_prompt`.
 """
 
@@ -32,12 +32,10 @@ from typing import Literal
 
 import torch
 
-from align.config.specs import DataSpec
-from align.data.builtin import BUILTIN_PREFERENCE
 from align.data.collate import MovesToDevice
 from align.data.encode import encode_preference
 from align.data.shared_prompt import SharedPromptBatch, build_row, collate_shared
-from align.data.sources import gather, subset
+from align.data.sources import load_preferences  # noqa: F401 (its home before; no torch there)
 from data_schemas import PreferenceRecord
 
 PairsMode = Literal["best_worst", "adjacent"]
@@ -69,13 +67,6 @@ class PreferenceData:
     @property
     def num_pairs(self) -> int:
         return sum(len(ex.pairs) for ex in self.examples)
-
-
-def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> list[PreferenceRecord]:
-    """Every PreferenceRecord of the files, an earlier stage's pairs, or a built-in set (``chat``, or the
-    world's ``world``, ``world_helpful``, ``world_safety``), after ``limit`` / ``sample``; no held-out
-    split (the stages split by prompt: :func:`align.data.sources.split_by_prompt`)."""
-    return subset(gather(BUILTIN_PREFERENCE, spec, paths, "preference", seed, "preference"), spec, seed)
 
 
 def select_pairs(num_responses: int, mode: PairsMode) -> tuple[list[int], list[tuple[int, int]]]:

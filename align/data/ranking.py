@@ -7,7 +7,8 @@ with), so a response's ids in its packed row are exactly those of a row of its o
 
 The held-out split is by prompt (:func:`align.data.sources.split_by_prompt`).
 
-Hygiene (Llama 3, sec. 4.2.3), applied to the training split only (held-out metrics cover every level):
+Hygiene (Llama 3, sec. 4.2.3; :mod:`align.data.hygiene`, no torch), applied to the training split only
+(held-out metrics cover every level):
 
 - ``min_strength``: drop records labelled below that level; records with no strength label are kept;
 - ``dedup_threshold``: a response whose word-level ``difflib`` similarity to a better-ranked response of
@@ -23,7 +24,6 @@ responses tokenized apart from their prompt (``boundary_adjusted``), are counted
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,58 +31,12 @@ import torch
 
 from align.data.collate import MovesToDevice
 from align.data.encode import EncodeCounts, encode_preference
+from align.data.hygiene import apply_hygiene, select_domain, similarity  # noqa: F401 (their home before)
 from align.data.shared_prompt import SharedPromptBatch, SharedPromptRow, build_row, collate_shared
 from align.losses.reward import MARGIN_TABLES
-from data_schemas import STRENGTHS, DataError, PreferenceRecord
+from data_schemas import DataError, PreferenceRecord
 
 MarginSpec = str | dict[str, float]  # a MARGIN_TABLES name, "column", or strength -> margin
-
-
-def select_domain(
-    records: Sequence[PreferenceRecord], domain: str | None, default_domain: str | None
-) -> list[PreferenceRecord]:
-    """Records of ``domain`` (all when None); ``default_domain`` labels records whose row set none."""
-    out = []
-    for r in records:
-        if default_domain is not None and "domain" not in r.model_fields_set:
-            r = r.model_copy(update={"domain": default_domain})
-        if domain is None or r.domain == domain:
-            out.append(r)
-    return out
-
-
-def similarity(a: str, b: str) -> float:
-    """Word-level difflib ratio in [0, 1] (1: same words in the same order)."""
-    return difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
-
-
-def apply_hygiene(
-    records: Sequence[PreferenceRecord], min_strength: str | None, dedup_threshold: float | None
-) -> tuple[list[PreferenceRecord], dict[str, float]]:
-    """-> (kept records, counts: dropped_below_min_strength, dropped_near_duplicate_responses,
-    dropped_near_duplicate_records)."""
-    allowed = set(STRENGTHS[: STRENGTHS.index(min_strength) + 1]) if min_strength else None
-    counts = {"dropped_below_min_strength": 0, "dropped_near_duplicate_responses": 0,
-              "dropped_near_duplicate_records": 0}
-    kept = []
-    for r in records:
-        if allowed is not None and r.strength is not None and r.strength not in allowed:
-            counts["dropped_below_min_strength"] += 1
-            continue
-        if dedup_threshold is not None:
-            responses = []
-            for m in r.responses:
-                if any(similarity(m.content, k.content) >= dedup_threshold for k in responses):
-                    counts["dropped_near_duplicate_responses"] += 1
-                else:
-                    responses.append(m)
-            if len(responses) < 2:
-                counts["dropped_near_duplicate_records"] += 1
-                continue
-            if len(responses) < len(r.responses):
-                r = r.model_copy(update={"responses": responses})
-        kept.append(r)
-    return kept, {k: float(v) for k, v in counts.items()}
 
 
 def record_margin(record: PreferenceRecord, margin: MarginSpec) -> float:

@@ -6,8 +6,9 @@ import random
 from collections.abc import Sequence
 
 from align.config.specs import DataSpec
-from align.data.builtin import BUILTIN_PROMPTS, BUILTIN_SFT
-from data_schemas import SFTRecord, read_jsonl
+from align.data.builtin import BUILTIN_PREFERENCE, BUILTIN_PROMPTS, BUILTIN_SFT
+from align.runtime import StageInputError
+from data_schemas import PreferenceRecord, SFTRecord, read_jsonl
 
 
 def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
@@ -50,6 +51,20 @@ def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | N
     return split_by_prompt(records, spec.eval_fraction, seed)
 
 
+def trained_split(train: list[SFTRecord], held: list[SFTRecord], spec: DataSpec, sources: str,
+                  stage: str) -> tuple[list[SFTRecord], list[SFTRecord], int]:
+    """The records of a split with an answer to train on -> (train, held-out, how many rows were dropped:
+    every assistant message has ``weight: 0``). Stops when no training record is left, naming why."""
+    if not train:
+        raise StageInputError(f"stage '{stage}': data.eval_fraction={spec.eval_fraction} holds out every prompt "
+                              f"of {sources}: no training record is left; lower it")
+    trained = [[r for r in records if any(m.trained for m in r.messages)] for records in (train, held)]
+    if not trained[0]:
+        raise StageInputError(f"stage '{stage}': no training record of {sources} has an answer to train on: "
+                              "every assistant message has weight 0 (context only)")
+    return trained[0], trained[1], len(train) + len(held) - len(trained[0]) - len(trained[1])
+
+
 def subset(records: list, spec: DataSpec, seed: int) -> list:
     """``spec.limit``: the first records; then ``spec.sample``: a seeded random subset, in file order."""
     if spec.limit is not None:
@@ -89,3 +104,10 @@ def split_by_prompt(records: Sequence, eval_fraction: float, seed: int) -> tuple
 def load_prompts(spec: DataSpec, paths: list[str], seed: int):
     """-> list of PromptRecord from a built-in pool or files (any of our record kinds)."""
     return subset(gather(BUILTIN_PROMPTS, spec, paths, "prompt", seed, "prompt"), spec, seed)
+
+
+def load_preferences(spec: DataSpec, paths: Sequence[str], seed: int) -> list[PreferenceRecord]:
+    """Every PreferenceRecord of the files, an earlier stage's pairs, or a built-in set (``chat``, or the
+    world's ``world``, ``world_helpful``, ``world_safety``), after ``limit`` / ``sample``; no held-out
+    split (the stages split by prompt: :func:`align.data.sources.split_by_prompt`)."""
+    return subset(gather(BUILTIN_PREFERENCE, spec, paths, "preference", seed, "preference"), spec, seed)

@@ -2,6 +2,8 @@
 
 Saved checkpoints are plain HF folders (``save_pretrained`` + tokenizer): ``AutoModelForCausalLM``
 loads them with no align code. With LoRA, the merged model is saved there and the adapter in ``adapter/``.
+Each gets an ``align_manifest.json`` (every file's SHA-256, :mod:`align.checksums`), written last; a folder
+that has one is verified before it is loaded, so a file damaged on disk stops the stage that reads it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from align.checksums import MANIFEST, verify_model_folder, write_manifest
 from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec, builtin_tokenizers
 from align.data.chat import EOT, LLAMA3_CHAT_TEMPLATE, LLAMA3_SPECIAL_TOKENS, build_builtin_tokenizer
@@ -29,6 +32,7 @@ def load_tokenizer(spec: ModelSpec, model_path: str):
     source = spec.tokenizer or hf_folder(spec, model_path)
     if source == BUILTIN_MODEL or source in builtin_tokenizers():  # align.data.chat.build_builtin_tokenizer
         return build_builtin_tokenizer("builtin:bytes" if source == BUILTIN_MODEL else source)
+    verify_model_folder(source)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(source)
@@ -84,7 +88,9 @@ def load_causal_lm(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0):
         kwargs = {"dtype": _DTYPES[spec.dtype]}
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(hf_folder(spec, model_path), **kwargs)
+        folder = hf_folder(spec, model_path)
+        verify_model_folder(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tokenizer))
     eot = tokenizer.convert_tokens_to_ids(EOT)
@@ -134,9 +140,12 @@ def is_peft(model) -> bool:
 def save_checkpoint(model, tokenizer, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Save an HF checkpoint that plain ``transformers`` loads. LoRA: adapter to ``adapter/``, then the
     merged weights (the model passed in is merged in place, so call this last). ``state_dict``: the whole
-    weights when training sharded them (:func:`align.train.sharded.full_state_dict`)."""
+    weights when training sharded them (:func:`align.train.sharded.full_state_dict`). The folder's
+    ``align_manifest.json`` is removed first and written last: call :func:`align.checksums.write_manifest`
+    again after adding files to the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a folder being written is not one that was verified
     if is_peft(model):
         if state_dict is not None:
             raise ValueError("saving a LoRA model trained with sharded weights (ZeRO-3/FSDP) is not supported: "
@@ -145,6 +154,7 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path, state_dict: dict | No
         model = model.merge_and_unload()
     model.save_pretrained(out, state_dict=state_dict)
     tokenizer.save_pretrained(out)
+    write_manifest(out)
     return out
 
 

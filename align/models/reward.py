@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from align.checksums import verify_model_folder
 from align.compat import enable_activation_checkpointing
 from align.config.specs import ModelSpec
 from align.data.chat import PAD
@@ -80,9 +81,11 @@ def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0
         kwargs = {"dtype": _DTYPES[spec.dtype], "num_labels": 1}
         if spec.attn_implementation:
             kwargs["attn_implementation"] = spec.attn_implementation
+        folder = hf_folder(spec, model_path)
+        verify_model_folder(folder)
         with torch.random.fork_rng():
             torch.manual_seed(seed)  # the new head's initialisation
-            model = AutoModelForSequenceClassification.from_pretrained(hf_folder(spec, model_path), **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from align import plugins
+from align.checksums import verify_model_folder
 from align.config.reward import RewardSpec
 from align.config.specs import ModelSpec
 from rewards.combine import CombinedReward
@@ -24,14 +25,20 @@ def build_reward(spec: RewardSpec, model_path: Callable[[ModelSpec], str]) -> Re
     if spec.function is not None:
         return plugins.load("reward", spec.function)
     if spec.model is not None:
-        scorer = RewardScorer.from_pretrained(model_path(spec.model))
+        scorer = _scorer(model_path(spec.model))
         return ModelReward(scorer, whiten=spec.whiten, batch_size=spec.batch_size)
     return CombinedReward(
-        RewardScorer.from_pretrained(model_path(spec.helpful)),
-        RewardScorer.from_pretrained(model_path(spec.safety)),
+        _scorer(model_path(spec.helpful)),
+        _scorer(model_path(spec.safety)),
         threshold=spec.safety_threshold, threshold_scale=spec.threshold_scale, whiten=spec.whiten,
         batch_size=spec.batch_size,
     )
+
+
+def _scorer(path: str) -> RewardScorer:
+    """A reward model's folder, verified against its manifest (:mod:`align.checksums`) first."""
+    verify_model_folder(path)
+    return RewardScorer.from_pretrained(path)
 
 
 def score_and_count(reward: RewardFunction, prompts, responses, is_safety) -> tuple[torch.Tensor, int, int]:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from align.checksums import verify_model_folder
 from align.config.base import PROMPT_SOURCES, Artifact
 from align.config.evaluation import EvaluationStage, RetentionEval
 from align.config.sampling import SamplingParams
@@ -75,6 +76,7 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
         from rewards.scoring import RewardScorer
 
         for name, path in reward_models.items():
+            verify_model_folder(path)
             scorer = RewardScorer.from_pretrained(path)
             metrics[f"reward/{name}"] = sum(scorer.score(convs, responses)) / max(len(convs), 1)
             del scorer

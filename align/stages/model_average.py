@@ -24,13 +24,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from align.config.model_average import ModelAverageStage
+from align.checksums import MANIFEST, verify_model_folder, write_manifest
+from align.config.model_average import BOOKKEEPING_KEYS, ModelAverageStage
 from align.runtime import StageContext, StageInputError, StageResult
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-# config.json keys that may differ between runs of one architecture
-BOOKKEEPING_KEYS = frozenset({"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache",
-                              "_commit_hash", "_attn_implementation_autoset"})
 
 
 class CheckpointMismatchError(StageInputError):
@@ -57,6 +55,7 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise StageInputError(f"{path}: not an HF checkpoint folder (no config.json)")
+    verify_model_folder(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise StageInputError(f"{path}: no *.safetensors weights; only safetensors checkpoints can be "
@@ -119,8 +118,9 @@ def average_checkpoints(paths: list[str | Path], weights: list[float], out_dir: 
             save_file(averaged, str(out / file.name), metadata={"format": "pt"})
     # step 3
     for item in ckpts[0].path.iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES):
+        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != MANIFEST:
             shutil.copy2(item, out / item.name)
+    write_manifest(out)  # last: the averaged folder's own digests
     rms = [(d / max(numel, 1)) ** 0.5 for d in sq_dist]
     return {"models": float(len(ckpts)), "parameters": float(numel),
             "rms_distance_to_average": sum(rms) / len(rms)}

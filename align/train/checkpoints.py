@@ -1,18 +1,21 @@
 """Checkpoints of a training loop: ``<root>/step_NNNNNNN/`` with the accelerator state (safetensors
 weights; optimizer and RNG state read with ``weights_only=True``) and ``loop_state.json`` (written last and
 atomically: its presence marks the checkpoint complete; it carries the loop's own state and the scheduler's
-as JSON, and every file's size). Nothing is unpickled. Before loading, a checkpoint is checked; a damaged
-newest one falls back to the previous one with a :class:`CheckpointWarning`.
+as JSON, every file's size and SHA-256, and a checksum of itself). Nothing is unpickled. Before loading, a
+checkpoint is checked (contents included: a flipped bit is found); a damaged newest one falls back to the
+previous one with a :class:`CheckpointWarning`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import torch
 
+from align.checksums import digests, folder_files, mismatch
 from align.io_atomic import write_text_atomic
 from align.runtime import StageStopped
 from align.train.collective import any_process
@@ -38,9 +41,9 @@ class Checkpoints:
     ``weights_only=False``, so a file planted in a checkpoint folder would run code on resume.
 
     Resume takes the newest checkpoint of this work that passes :meth:`problem` (every file it lists with
-    its size, headers, CRCs and pickles readable with ``weights_only=True``, shapes that fit, no pickled
-    custom state), checked BEFORE anything is loaded, so a damaged checkpoint leaves the model untouched;
-    it warns about each checkpoint it passes over and starts from scratch when none is usable."""
+    its size and SHA-256, headers, CRCs and pickles readable with ``weights_only=True``, shapes that fit, no
+    pickled custom state), checked BEFORE anything is loaded, so a damaged checkpoint leaves the model
+    untouched; it warns about each checkpoint it passes over and starts from scratch when none is usable."""
 
     def __init__(self, accelerator, root: Path, key: str, keep: int, stateful: dict[str, object] | None = None):
         self.accelerator, self.root, self.key, self.keep = accelerator, Path(root), key, keep
@@ -80,7 +83,7 @@ class Checkpoints:
                 partly_loaded, passed_over = path, True
                 continue
             self.loaded = path
-            return {k: v for k, v in state.items() if k not in ("stateful", "files")}
+            return {k: v for k, v in state.items() if k not in ("stateful", "files", "sha256")}
         if partly_loaded is not None:
             raise CheckpointError(
                 f"[{desc}] {partly_loaded} failed to load after part of it was restored, and no older checkpoint "
@@ -105,6 +108,8 @@ class Checkpoints:
             return {}, f"loop_state.json unreadable: {err}"
         if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "key" not in state:
             return {}, "loop_state.json has no step and key"
+        if "checksum" in state and state.pop("checksum") != _state_checksum(state):
+            return {}, "loop_state.json does not match its checksum (its content changed after it was written)"
         return state, None
 
     def problem(self, path: Path, state: dict) -> str | None:
@@ -118,13 +123,22 @@ class Checkpoints:
                 _from_json(state["stateful"][name])
             except (KeyError, TypeError, ValueError) as err:
                 return f"no usable saved state for {name!r}: {type(err).__name__}: {err}"
+        return self._files_problem(path, state) or self._model_problem(path) or self._state_file_problem(path)
+
+    def _files_problem(self, path: Path, state: dict) -> str | None:
+        """A listed file missing, of another size, or (checkpoints that carry digests) of other content:
+        checked before any header is parsed. The processes share the hashing: each reads its part of the
+        files, and :meth:`resume` passes the checkpoint over when any of them finds a mismatch."""
         for name, size in (state.get("files") or {}).items():
             f = path / name
             if not f.is_file():
                 return f"{name} is missing"
             if f.stat().st_size != size:
                 return f"{name} has {f.stat().st_size} bytes, {size} were written"
-        return self._model_problem(path) or self._state_file_problem(path)
+        sha256 = state.get("sha256") or {}  # absent in checkpoints written before digests were kept
+        acc = self.accelerator
+        share = sorted(sha256)[acc.process_index :: max(acc.num_processes, 1)]
+        return mismatch(path, {name: sha256[name] for name in share})
 
     def _model_problem(self, path: Path) -> str | None:
         for i, model in enumerate(getattr(self.accelerator, "_models", [])):
@@ -164,12 +178,20 @@ class Checkpoints:
         acc.save_state(str(path))
         acc.wait_for_everyone()  # every process's files are written
         if acc.is_main_process:
-            files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-            write_text_atomic(path / "loop_state.json", json.dumps(
-                {"step": step, "key": self.key, **state, "stateful": extra, "files": files}))
+            names = folder_files(path)
+            files = {name: (path / name).stat().st_size for name in names}
+            saved = {"step": step, "key": self.key, **state, "stateful": extra, "files": files,
+                     "sha256": digests(path, names)}
+            write_text_atomic(path / "loop_state.json", json.dumps({**saved, "checksum": _state_checksum(saved)}))
             for old in sorted(self.root.glob("step_*"))[: -self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+
+
+def _state_checksum(state: dict) -> str:
+    """SHA-256 of the loop state as canonical JSON: a changed number in ``loop_state.json`` is found too."""
+    canonical = json.loads(json.dumps(state))  # as read back: tuples as lists, keys as strings
+    return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
 def _safetensors_problem(path: Path, model: torch.nn.Module) -> str | None:

@@ -1,16 +1,14 @@
 """DPO stage, Llama 3 style: formatting tokens masked, 0.2 NLL on chosen, cached reference, shared prompt.
 
-A record is one row (the prompt once, then its responses; LM head on response positions only). Reference
-log-probs are computed once and cached on disk (``align.train.reference``). Records whose prompt fills
-``max_length`` are dropped, responses cut (both counted); identical pairs are dropped and warned about.
-Pair metrics are measured before the first step (``*_start``) and after the last.
+A record is one row (prompt once, then its responses); reference log-probs computed once and cached; over-long
+prompts and identical pairs dropped, responses cut (counted); pair metrics before (``*_start``) and after.
 """
 
 from __future__ import annotations
 
 from align.config.base import Artifact
 from align.config.dpo import DPOStage
-from align.data.chat import formatting_token_ids
+from align.data.chat import formatting_ids
 from align.data.collate import length_sorted_groups
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
 from align.data.sources import describe_sources, split_by_prompt
@@ -54,12 +52,14 @@ class DPO(Task):
 
     def build(self) -> Built:
         stage, cfg, ctx = self.stage, self.stage.train, self.ctx
-        lm, self.tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
         paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
         train_records, eval_records = split_by_prompt(load_preferences(stage.data, paths, ctx.seed),
                                                       stage.data.eval_fraction, ctx.seed)
-        formatting = frozenset() if stage.formatting_tokens == "off" else formatting_token_ids(
-            self.tokenizer, None if stage.formatting_tokens == "auto" else stage.formatting_tokens)
+        if not train_records:  # before the model: bad data stops at once
+            raise StageInputError(f"stage '{stage.name}': data.eval_fraction={stage.data.eval_fraction} holds out "
+                                  f"every prompt of {describe_sources(stage.data, paths)}: no training record is left")
+        lm, self.tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
+        formatting = formatting_ids(self.tokenizer, stage.formatting_tokens)
         self.data = [tokenize_preferences(self.tokenizer, records, formatting, cfg.max_length, stage.pairs)
                      for records in (train_records, eval_records)]
         (train, held_out), identical = self.data, self.data[0].identical_pairs + self.data[1].identical_pairs

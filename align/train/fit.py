@@ -2,8 +2,10 @@
 
 ``fit(task, cfg, ctx)``: 1. accelerator and seed  2. ``task.build``: models, data and the batch source
 3. optimizer, scheduler, ``accelerator.prepare``  4. held-out metrics before training  5. the loop
-(``align.train.loop.train``: logging, progress, snapshots, checkpoints, resume)  6. held-out metrics after
-7. the stage's metrics  8. the HF checkpoints (gathered on every process, written by the main one).
+(``align.train.loop.train``: logging, progress, snapshots, checkpoints, resume)  6. the final checks
+(``align.train.final_checks``: finite weights, ``train.divergence``; a failure stops the stage, nothing
+saved)  7. held-out metrics after  8. the stage's metrics  9. the HF checkpoints (gathered on every
+process, written by the main one).
 
 A task is a small class: ``build`` returns a :class:`Built` (the module to train, its batch source, its
 loss summed over its units and the unit count, what to save); ``evaluate`` its held-out numbers;
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from align.checksums import write_manifest
 from align.config.specs import TrainConfig
 from align.data.collate import epoch_order, group_by_count, group_by_length
 from align.models.loading import count_parameters, save_checkpoint
 from align.runtime import StageContext, StageResult
 from align.train.common import make_accelerator, plan_epochs
+from align.train.final_checks import check_trained, weight_norm
 from align.train.loop import BatchSource, PlanSource, TrainSummary, make_plan, train
 from align.train.metrics import MetricsLogger
 from align.train.optim import build_optimizer, build_scheduler
@@ -58,6 +62,7 @@ class Built:
     tokenizer: object = None  # the snapshots' tokenizer
     log_before: str | None = None  # metrics.jsonl prefix of the held-out numbers before training (None: not logged)
     log_after: str = "eval"  # and after
+    loss_falls: bool = True  # a loss that must fall: train.divergence.max_loss_rise applies (not PPO's)
 
 
 class Task:
@@ -92,6 +97,7 @@ def fit(task: Task, cfg: TrainConfig, ctx: StageContext) -> StageResult:
     model, optimizer = accelerator.prepare(built.module, optimizer)
     task.model = model
     name = task.stage.name
+    start_norm = weight_norm(accelerator, model)
     before = task.evaluate()
     logger = MetricsLogger(ctx.out_dir, cfg.report_to, accelerator.is_main_process, name)
     if built.log_before and before:
@@ -108,10 +114,12 @@ def fit(task: Task, cfg: TrainConfig, ctx: StageContext) -> StageResult:
                     source=built.source, loss_fn=built.loss_fn, units=built.units, cfg=cfg, out_dir=ctx.out_dir,
                     logger=logger, desc=name, on_step=snapshot)
     task.close()
+    growth = check_trained(accelerator, model, summary, cfg, stage=name, start_norm=start_norm,
+                           loss_falls=built.loss_falls)  # before anything is saved as the result
     after = task.evaluate()
     if after:
         logger.log(summary.steps, after, prefix=built.log_after)
-    metrics = task.result(summary, before, after)
+    metrics = {**task.result(summary, before, after), "weight_growth": growth}
     logger.close()
     save_outputs(accelerator, model, built.outputs)
     return StageResult(metrics=metrics)
@@ -126,6 +134,7 @@ def save_outputs(accelerator, model, outputs: list[Output]) -> None:
             save_checkpoint(getattr(accelerator.unwrap_model(model), out.attr), out.tokenizer, out.folder, state)
             if out.extra is not None:
                 out.extra(out.folder)
+                write_manifest(out.folder)  # the files written beside the model are covered too
     accelerator.wait_for_everyone()
 
 

@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -46,6 +46,7 @@ __all__ = ["BatchSource", "Checkpoints", "PlanSource", "TrainSummary", "global_s
            "plan_hash", "progress_bar", "train"]
 
 Plan = list[list[list[int]]]  # step -> micro-batch -> example indices
+LOSS_WINDOW = 5  # steps whose losses the summary keeps at each end of the run (train.divergence)
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainSummary:
     tokens: int
     seconds: float
     padding: float | None = None  # share of the token slots of this run's steps that were padding
+    early: list[float] = field(default_factory=list)  # the losses of the first and last LOSS_WINDOW steps
+    late: list[float] = field(default_factory=list)
 
     @property
     def first_loss(self) -> float | None:
@@ -226,6 +229,8 @@ class _Tally:
     slots: int = 0  # token slots of the steps that know their padded size
     slot_tokens: int = 0  # real tokens of those steps
     first: dict | None = None  # the logged metrics of the first step
+    early: list[float] = field(default_factory=list)  # the losses of the first and last LOSS_WINDOW steps
+    late: list[float] = field(default_factory=list)
 
     def add(self, metrics: dict) -> None:
         if "slots" in metrics:
@@ -233,9 +238,14 @@ class _Tally:
             self.slot_tokens += metrics["tokens"]
         self.tokens += metrics.pop("tokens")
         self.first = dict(metrics) if self.first is None else self.first
+        if "loss" in metrics:
+            if len(self.early) < LOSS_WINDOW:
+                self.early.append(float(metrics["loss"]))
+            self.late = [*self.late, float(metrics["loss"])][-LOSS_WINDOW:]
 
     def state(self) -> dict:
-        return {"tokens": self.tokens, "slots": self.slots, "slot_tokens": self.slot_tokens, "first": self.first}
+        return {"tokens": self.tokens, "slots": self.slots, "slot_tokens": self.slot_tokens, "first": self.first,
+                "early": self.early, "late": self.late}
 
 
 def train(
@@ -250,7 +260,7 @@ def train(
                               stateful={"scheduler": scheduler})
     state = checkpoints.resume(desc) or {}
     start = state.get("step", 0)
-    tally = _Tally(**{k: state[k] for k in ("tokens", "slots", "slot_tokens", "first") if k in state})
+    tally = _Tally(**{k: state[k] for k in ("tokens", "slots", "slot_tokens", "first", "early", "late") if k in state})
     if start:
         source.load_state_dict(state.get("source", {}))
         logger.truncate_after(start)
@@ -281,5 +291,5 @@ def train(
     return TrainSummary(
         steps=source.steps, resumed_from=start, first=tally.first, last=last, tokens=tally.tokens,
         seconds=time.perf_counter() - t_start,
-        padding=1.0 - tally.slot_tokens / tally.slots if tally.slots else None,
+        padding=1.0 - tally.slot_tokens / tally.slots if tally.slots else None, early=tally.early, late=tally.late,
     )

@@ -87,7 +87,7 @@ class PPO(Task):
         banner = (f"{len(prompts)} prompts, {stage.iterations} iterations of {stage.rollout_batch_size} rollouts x "
                   f"{stage.ppo_epochs} epochs (policy + value)")
         return Built(module, self.source, stage_loss(stage), response_tokens, outputs, banner, policy="policy",
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, loss_falls=False)  # a PPO loss need not fall: no max_loss_rise
 
     def _value_model(self, vocabulary: int):
         """The value model (from ``value_model``, else the reward model, else the policy), its head on the

@@ -13,13 +13,12 @@ from pathlib import Path
 
 from align.config.base import Artifact
 from align.config.reward_model import RewardModelStage
+from align.data.hygiene import apply_hygiene, select_domain
 from align.data.preference import load_preferences
 from align.data.ranking import (
-    apply_hygiene,
     collate_ranked,
     encoding_counts,
     encoding_notes,
-    select_domain,
     tokenize_ranked_records,
     write_scored_records,
 )

@@ -7,8 +7,8 @@ micro-batch (``packing_strategy: best_fit``, TRL's bfd), so little compute goes 
 (``train_padding``).
 
 Rows longer than ``max_length`` are cut (``truncated_rows``); a row left with no assistant token within
-``max_length`` has nothing to learn and is dropped (``dropped_too_long``); both are counted in the metrics
-and the stage log.
+``max_length`` is dropped (``dropped_too_long``), as is one whose answers all have ``weight: 0``
+(``dropped_weight_0``); all are counted in the metrics and the stage log.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from align.data.collate import (
     group_by_tokens,
     group_packed_rows,
 )
-from align.data.sources import describe_sources, load_sft
+from align.data.sources import describe_sources, load_sft, trained_split
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.common import evaluate_sums, load_policy
@@ -47,17 +47,21 @@ class SFT(Task):
 
     def build(self) -> Built:
         stage, cfg, ctx = self.stage, self.stage.train, self.ctx
-        lm, self.tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
         paths = ctx.data_paths(stage.data, (Artifact.SFT_RECORDS,))
-        train_records, eval_records = load_sft(stage.data, paths, ctx.seed, stage.system_prompt)
+        train_records, eval_records, untrained = trained_split(  # before the model: bad data stops at once
+            *load_sft(stage.data, paths, ctx.seed, stage.system_prompt), stage.data, describe_sources(stage.data, paths),
+            stage.name)
+        lm, self.tokenizer = load_policy(stage.model, ctx.model_path(stage.model), ctx.seed)
         train_ex, self.eval_ex = self._tokenize(train_records), self._tokenize(eval_records)
         truncated, n_rows = sum(e.cut > 0 for e in train_ex + self.eval_ex), len(train_ex) + len(self.eval_ex)
         self.train_ex = [e for e in train_ex if any(e.loss_mask[1:])]
         self.eval_ex = [e for e in self.eval_ex if any(e.loss_mask[1:])]
         self.counts = {"truncated_rows": float(truncated),
-                       "dropped_too_long": float(n_rows - len(self.train_ex) - len(self.eval_ex))}
+                       "dropped_too_long": float(n_rows - len(self.train_ex) - len(self.eval_ex)),
+                       "dropped_weight_0": float(untrained)}
         notes = [f"{truncated} of {n_rows} rows cut at max_length={cfg.max_length}; {self.counts['dropped_too_long']:.0f}"
                  " of them dropped: no assistant token left within max_length"] if truncated else []
+        notes += [f"{untrained} rows dropped: every answer has weight 0 (nothing to train on)"] if untrained else []
         if not self.train_ex:
             raise StageInputError(f"stage '{stage.name}': no training row of {describe_sources(stage.data, paths)} "
                                   f"has an assistant token within max_length={cfg.max_length}")
