@@ -86,6 +86,16 @@ def settle_swap(out: Path) -> None:
         shutil.rmtree(old)
 
 
+def drop_stale_rebuild(out: Path) -> bool:
+    """Remove ``NAME.next``, an unfinished rebuild of another configuration, once ``NAME`` is up to date (a
+    rebuild that failed or was killed, then the configuration set back): True when one was removed."""
+    staged = out.with_name(out.name + ".next")
+    if not staged.exists():
+        return False
+    remove_stage_folder(staged)
+    return True
+
+
 def work_dir(out: Path, fp: str, kind: str) -> Path:
     """Where a stage that must run writes: its own folder, unless that holds a finished result of another
     configuration, which stays untouched until the replacement is complete (then :func:`swap`)."""

@@ -36,6 +36,7 @@ from align.io_atomic import write_text_atomic
 from align.run_folders import (
     check_made_by_align,
     check_run_folder,
+    drop_stale_rebuild,
     mark_run_folder,
     settle_swap,
     swap,
@@ -338,7 +339,9 @@ def _run_locked(recipe: Recipe, run_dir: Path, log) -> list[dict]:
         t0 = time.perf_counter()
         skipped = old_fp == fp
         if skipped:
-            log(f"[round {round_}] {stage.name}: up to date, skipped")
+            stale = drop_stale_rebuild(out)
+            log(f"[round {round_}] {stage.name}: up to date, skipped"
+                + (f" (removed {out.name}.next, an unfinished rebuild of another configuration)" if stale else ""))
         else:
             work = work_dir(out, fp, stage.kind)
             beside = " (beside the finished result of another configuration, swapped in when done)" \

@@ -52,6 +52,8 @@ def test_a_failing_rerun_with_other_settings_keeps_the_finished_result(tmp_path)
     records = run_recipe(recipe_from_dict(data), log=logs.append)
     assert records[0]["skipped"] and snapshot(run_dir)["round_1/sft/model/model.safetensors"] == \
         before["round_1/sft/model/model.safetensors"]
+    # the failed rebuild of the other settings is cleaned up once the stage is up to date
+    assert not (run_dir / "round_1/sft.next").exists() and any("removed sft.next" in line for line in logs)
     other = tiny_sft_recipe(tmp_path, max_steps=3)
     logs.clear()
     records = run_recipe(recipe_from_dict(other), log=logs.append)
