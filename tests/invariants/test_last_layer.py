@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from align.compat import enable_activation_checkpointing
 from align.models.last_layer import hidden_at, prunable
 from align.models.logps import TokenLogps
 from align.models.reward import PackedRewards
@@ -146,7 +147,7 @@ def test_activation_checkpointing_runs_the_layer_whole():
     recomputation would not match, so such a layer runs whole (and backward works)."""
     torch.manual_seed(0)
     lm = LlamaForCausalLM(_config())
-    lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_activation_checkpointing(lm)
     lm.train()
     seen = []
     hook = lm.model.layers[-1].mlp.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[:-1].numel()))
