@@ -172,6 +172,7 @@ def test_two_processes_stop_together_and_save_nothing(tmp_path):
                           env=child_env())
     assert done.returncode != 0, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if "weights are not finite" in line]
-    assert len(errors) == 2 and all("lm.model.embed_tokens.weight is the first" in e for e in errors), errors
+    # one line per process that got to print it: when one exits first, torchrun may stop the other before it does
+    assert 1 <= len(errors) <= 2 and all("lm.model.embed_tokens.weight is the first" in e for e in errors), errors
     assert "align/train/" not in done.stderr  # no traceback from the stage (torchrun prints its own)
     assert_nothing_saved(stage_folder(tmp_path, "sft"))
