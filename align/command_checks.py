@@ -10,12 +10,12 @@ transformers would otherwise retry an unreachable hub for a minute before its tr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from align import plugins
 from align.compat import hub_problem
 from align.config.file_checks import HUB_ID, check_model_path
+from align.config.model_checks import architecture, folder_role
 from align.config.recipe import Recipe
 from rewards.encoding import MIN_MAX_LENGTH
 
@@ -127,21 +127,16 @@ def model_problems(flag: str, path: str, role: str) -> list[str]:
 
 
 def _role_problems(flag: str, folder: Path, role: str) -> list[str]:
-    """A folder of the other kind: a causal LM where a reward model (sequence classification with one output,
-    a reward_model stage's ``model/``) is wanted, or the other way round."""
-    config = json.loads((folder / "config.json").read_text())
-    architectures = config.get("architectures") if isinstance(config, dict) else None
-    if not isinstance(architectures, list) or not architectures:
-        return []  # nothing said: loading will tell
-    scorer = any(str(a).endswith("ForSequenceClassification") for a in architectures)
-    outputs = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
-    if role == "reward model" and not (scorer and outputs == 1):
-        what = f"{outputs} outputs" if scorer else "a causal LM"
-        return [f"{flag}: {folder} holds {what} ({architectures[0]}), not a reward model (sequence classification "
-                "with one output, e.g. a reward_model stage's model/)"]
-    if role == "policy" and scorer:
-        return [f"{flag}: {folder} holds a reward model ({architectures[0]}), not a policy (a causal LM)"]
-    return []
+    """A folder of the other kind (``align.config.model_checks.folder_role``: the rule validation applies):
+    a causal LM where a reward model is wanted, or the other way round."""
+    found = folder_role(folder)
+    if found is None or found == role:
+        return []  # nothing said (loading will tell), or the right kind
+    arch = architecture(folder)
+    if role == "reward model":
+        return [f"{flag}: {folder} holds {arch}, not a reward model (sequence classification with one output, "
+                "e.g. a reward_model stage's model/)"]
+    return [f"{flag}: {folder} holds a reward model ({arch}), not a policy (a causal LM)"]
 
 
 def recipe_problems(recipe: Recipe, run: bool) -> list[str]:

@@ -78,12 +78,12 @@ def _roles(at: str, stage: StageBase) -> list[str]:
         if tuple(inp.accepts) == (Artifact.REWARD_MODEL,):
             role = "policy" if path == BUILTIN_MODEL else _local_role(path)
             if role == "policy":
-                what = "the built-in causal LM" if path == BUILTIN_MODEL else _architecture(Path(path))
+                what = "the built-in causal LM" if path == BUILTIN_MODEL else architecture(Path(path))
                 problems.append(f"{where}: {path} is a policy ({what}), not a reward model (a sequence-"
                                 "classification checkpoint with one output, e.g. a reward_model stage's model: "
                                 "use from: that stage)")
         elif tuple(inp.accepts) == (Artifact.POLICY,) and _local_role(path) == "reward model":
-            problems.append(f"{where}: {path} is a reward model ({_architecture(Path(path))}), not a policy "
+            problems.append(f"{where}: {path} is a reward model ({architecture(Path(path))}), not a policy "
                             "(a causal LM checkpoint)")
     return problems
 
@@ -93,7 +93,8 @@ def _local_role(path: str) -> str | None:
     return folder_role(folder) if folder.is_dir() else None
 
 
-def _architecture(folder: Path) -> str:
+def architecture(folder: Path) -> str:
+    """The first name of the folder's ``config.json`` ``architectures`` ('?' when none)."""
     return str(((_config(folder) or {}).get("architectures") or ["?"])[0])
 
 
