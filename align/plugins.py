@@ -62,8 +62,8 @@ def table() -> dict[str, dict[str, str]]:
 
 
 def names(kind: str) -> list[str]:
-    """The names the plug-ins give for ``kind``, in plug-in then table order."""
-    return list(table()[kind])
+    """The names the plug-ins give for ``kind``, sorted (what error messages list)."""
+    return sorted(table()[kind])
 
 
 def is_dotted(name: str) -> bool:

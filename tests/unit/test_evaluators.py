@@ -44,7 +44,7 @@ def test_world_imports_alone(tmp_path):
 
 
 def test_the_world_gives_its_seams_by_name():
-    assert plugins.names("evaluator") == ["world"] and plugins.names("reward") == ["gold"]
+    assert plugins.names("evaluator") == ["sentiment", "world"] and plugins.names("reward") == ["gold", "sentiment"]
     assert plugins.names("sft") == ["world", "world_chat", "world_dialogues"]
     assert plugins.names("preferences") == ["world", "world_helpful", "world_safety"]
     assert plugins.names("prompts") == ["world", "world_eval"] and plugins.names("tokenizer") == ["world"]
@@ -98,12 +98,12 @@ def test_turns_use_an_evaluators_turns_else_the_evaluator():
 
 def test_an_unknown_evaluator_is_one_validation_error():
     assert problems(["rs.evaluators=[wrld]"]) == [
-        "stages[rs].evaluators: unknown evaluator 'wrld' (did you mean 'world'?); known: world or a dotted "
+        "stages[rs].evaluators: unknown evaluator 'wrld' (did you mean 'world'?); known: sentiment, world or a dotted "
         "path 'package.module:name'"]
     assert problems(["eval_sft.evaluators=[world, nopkg.judges:judge]"]) == [
         "stages[eval_sft].evaluators: no module 'nopkg.judges' (of 'nopkg.judges:judge') can be imported"]
     assert problems(["annotate.reward={function: gld}"]) == [
-        "stages[annotate].reward.function: unknown reward 'gld' (did you mean 'gold'?); known: gold or a "
+        "stages[annotate].reward.function: unknown reward 'gld' (did you mean 'gold'?); known: gold, sentiment or a "
         "dotted path 'package.module:name'"]
     recipe_from_dict(yaml.safe_load(ROUND.read_text()), [f"rs.evaluators=[world, '{USER}']"])
 
