@@ -20,7 +20,6 @@ holds a run folder (:mod:`align.run_lock`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import multiprocessing
 import os
 import subprocess
@@ -32,6 +31,7 @@ from types import ModuleType
 
 from align.config.checks import stage_outputs
 from align.config.recipe import Recipe, dump_recipe, load_recipe
+from align.fingerprint import fingerprint
 from align.io_atomic import write_text_atomic
 from align.run_folders import (
     check_made_by_align,
@@ -52,8 +52,6 @@ from align.runtime import (
     read_result,
     write_result,
 )
-
-VERSION = "0.2.0"  # part of every fingerprint: results of an older contract are recomputed
 
 
 def stage_module(kind: str) -> ModuleType:
@@ -86,34 +84,6 @@ def stage_module(kind: str) -> ModuleType:
 STAGE_MODULES = ("align.train.sft", "align.train.reward_model", "align.stages.rejection_sampling",
                  "align.train.dpo", "align.train.ppo", "align.stages.gatt", "align.stages.model_average",
                  "align.stages.evaluation")
-
-
-def _hash_path(path: Path, h) -> None:
-    if path.is_file():
-        h.update(path.name.encode())
-        with path.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    elif path.is_dir():
-        for child in sorted(p for p in path.rglob("*") if p.is_file()):
-            st = child.stat()
-            h.update(f"{child.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
-
-
-def fingerprint(recipe: Recipe, stage, round_: int, upstream_fps: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    h.update(VERSION.encode())
-    h.update(stage.model_dump_json(by_alias=True).encode())
-    h.update(f"seed={recipe.seed};round={round_}".encode())
-    for ref in sorted(stage.references()):
-        h.update(f"{ref}={upstream_fps.get(ref, 'none')}".encode())  # 'prev.X' is absent in round 1
-    for spec in stage.sources():  # the content of the files it reads
-        for p in getattr(spec, "paths", None) or []:
-            _hash_path(Path(p), h)
-        path = getattr(spec, "path", None)
-        if isinstance(path, str) and Path(path).exists():
-            _hash_path(Path(path), h)
-    return h.hexdigest()[:20]
 
 
 def stage_dir(recipe: Recipe, round_: int, name: str) -> Path:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from align.checksums import sha256_file
 from align.config.specs import ModelSpec
 from align.models.loading import BUILTIN_MODEL
 
@@ -86,20 +87,12 @@ def file_digest(path: Path, memo: str | Path | None = None) -> str:
     if key in known and known[key]["stat"] == stamp:
         return known[key]["sha256"]
     started = time.time_ns()
-    digest = _content_sha256(path)
+    digest = sha256_file(path)
     after = path.stat()
     settled = started - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS
     if memo is not None and settled and [after.st_size, after.st_mtime_ns, after.st_ctime_ns] == stamp[:3]:
         _write_memo(Path(memo), {**_read_memo(memo), key: {"stat": stamp, "sha256": digest}})
     return digest
-
-
-def _content_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _read_memo(memo: str | Path | None) -> dict:

@@ -31,9 +31,7 @@ class MetricsLogger:
         cut short."""
         if not (self.enabled and self.path.exists()):
             return
-        keep = [row for _, row, bad in read_json_lines(self.path)
-                if bad is None and isinstance(row, dict) and row.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
+        self._keep(lambda row: row.get("step", 0) <= step)
 
     def log(self, step: int, metrics: dict, prefix: str = "train", replace: bool = False) -> None:
         """Append a row of ``metrics`` under ``prefix/``; ``replace``: first drop an earlier row of the same step
@@ -41,9 +39,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         if replace and self.path.exists():
-            keep = [row for _, row, bad in read_json_lines(self.path) if bad is None and isinstance(row, dict)
-                    and not (row.get("step") == step and any(k.startswith(f"{prefix}/") for k in row))]
-            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+            self._keep(lambda row: not (row.get("step") == step and any(k.startswith(f"{prefix}/") for k in row)))
         row = {"step": step, **{f"{prefix}/{k}": v for k, v in metrics.items()}}
         append_line(self.path, json.dumps(_finite_or_null(row), allow_nan=False))  # NaN is not JSON
         if self._tb is not None:
@@ -51,6 +47,11 @@ class MetricsLogger:
                 self._tb.add_scalar(f"{prefix}/{k}", v, step)
         if self._wandb is not None:
             self._wandb.log({f"{prefix}/{k}": v for k, v in metrics.items()}, step=step)
+
+    def _keep(self, wanted) -> None:
+        """Rewrite metrics.jsonl with the rows ``wanted(row)`` accepts (and none a kill cut short)."""
+        keep = [row for _, row, bad in read_json_lines(self.path) if bad is None and isinstance(row, dict) and wanted(row)]
+        write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in keep))
 
     def close(self) -> None:
         if self._tb is not None:

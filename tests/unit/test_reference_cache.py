@@ -174,7 +174,7 @@ def test_another_reference_model_never_reuses_the_cache(tmp_path):
 
 def test_file_digests_are_remembered_until_the_file_is_written(tmp_path, monkeypatch):
     reads = []
-    monkeypatch.setattr(rc, "_content_sha256", lambda p, real=rc._content_sha256: reads.append(p) or real(p))
+    monkeypatch.setattr(rc, "sha256_file", lambda p, real=rc.sha256_file: reads.append(p) or real(p))
     monkeypatch.setattr(rc, "_SETTLED_NS", 50_000_000)  # 50 ms instead of 2 s, so the test can wait it out
     f, memo = tmp_path / "model.safetensors", tmp_path / "memo.json"
     f.write_bytes(b"a" * 1000)
