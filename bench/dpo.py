@@ -185,26 +185,29 @@ def run_ours(args, work: Path) -> dict:
     """The DPO stage through ``run_stage`` (in this process); its reference pass and training loop are wrapped
     (observed, not changed) to time them."""
     import align.train.dpo as dpo_stage
+    import align.train.fit as fit
     from align.config.recipe import recipe_from_dict
     from align.runner import run_stage
     from align.train.metrics import read_metrics
 
     recipe = recipe_from_dict(ours_recipe(args, work))
     device = pick_device()
-    real = {"reference_logps": dpo_stage.reference_logps, "train": dpo_stage.train}
+    owner = {"reference_logps": dpo_stage, "train": fit}  # the DPO task's reference pass; fit's call of the loop
+    real = {name: getattr(module, name) for name, module in owner.items()}
     probe = {"pairs": 0}
 
     def timed(name):
         def wrapper(*a, **kw):
             if name == "train":
-                make_batch = kw["make_batch"]
+                source = kw["source"]
+                make_batch = source.make_batch
 
                 def counting(group):
                     batch = make_batch(group)
                     probe["pairs"] += batch.num_pairs
                     return batch
 
-                kw["make_batch"] = counting
+                source.make_batch = counting
             with measure(device) as m:
                 out = real[name](*a, **kw)
             probe[name] = m
@@ -212,12 +215,12 @@ def run_ours(args, work: Path) -> dict:
         return wrapper
 
     for name in real:
-        setattr(dpo_stage, name, timed(name))
+        setattr(owner[name], name, timed(name))
     try:
         result = run_stage(recipe, recipe.stages[0].name, 1, "bench")
     finally:
         for name, fn in real.items():
-            setattr(dpo_stage, name, fn)
+            setattr(owner[name], name, fn)
     assert result.metrics["ref_cache_hit"] == 0.0
     ref_m, train_m = probe["reference_logps"], probe["train"]
     losses = [r["train/loss"] for r in read_metrics(Path(recipe.run_dir) / "round_1" / "dpo") if "train/loss" in r]

@@ -260,14 +260,15 @@ def run_ours(args, work: Path) -> dict:
     """The ppo stage through ``run_stage`` in this process; its loop is observed (not changed) by wrapping
     the progress bar (made just before the first iteration) and the metrics logger (called at the end of
     every iteration)."""
-    import align.train.ppo as ppo_stage
+    import align.train.fit as fit
+    import align.train.loop as loop
     from align.config.recipe import recipe_from_dict
     from align.runner import run_stage
     from align.train.metrics import read_metrics
 
     recipe = recipe_from_dict(ours_recipe(args, work))
     clock = LoopClock(pick_device())
-    real_bar, real_logger = ppo_stage.progress_bar, ppo_stage.MetricsLogger
+    real_bar, real_logger = loop.progress_bar, fit.MetricsLogger
 
     def progress_bar(*a, **kw):
         bar = real_bar(*a, **kw)
@@ -279,11 +280,11 @@ def run_ours(args, work: Path) -> dict:
             clock.mark(episodes=step * args.rollout_batch)
             return super().log(step, metrics, *a, **kw)
 
-    ppo_stage.progress_bar, ppo_stage.MetricsLogger = progress_bar, MetricsLogger
+    loop.progress_bar, fit.MetricsLogger = progress_bar, MetricsLogger
     try:
         run_stage(recipe, "ppo", 1, "bench")
     finally:
-        ppo_stage.progress_bar, ppo_stage.MetricsLogger = real_bar, real_logger
+        loop.progress_bar, fit.MetricsLogger = real_bar, real_logger
     rows = [r for r in read_metrics(Path(recipe.run_dir) / "round_1" / "ppo") if "train/score" in r]
     return clock.result(
         "ours", args.warmup,

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 def run_ours(args, work: Path) -> dict:
     """The reward_model stage through ``run_stage`` (in this process); its training loop is wrapped (observed, not
     changed) to time it and count the records it sees."""
-    import align.train.reward_model as rm_stage
+    import align.train.fit as fit
     from align.config.recipe import recipe_from_dict
     from align.runner import run_stage
     from align.train.metrics import read_metrics
@@ -193,27 +193,28 @@ def run_ours(args, work: Path) -> dict:
                               "optim": {"lr": args.lr, "warmup_ratio": 0.0, "min_lr_ratio": 1.0,
                                         "weight_decay": 0.0, "betas": [0.9, 0.95], "max_grad_norm": 1.0}}}],
     })
-    device, probe, real_train = pick_device(), {"records": 0}, rm_stage.train
+    device, probe, real_train = pick_device(), {"records": 0}, fit.train
 
     def timed_train(**kwargs):
-        make_batch = kwargs["make_batch"]
+        source = kwargs["source"]
+        make_batch = source.make_batch
 
         def counting(group):
             batch = make_batch(group)
             probe["records"] += batch.num_prompts
             return batch
 
-        kwargs["make_batch"] = counting
+        source.make_batch = counting
         with measure(device) as m:
             probe["summary"] = real_train(**kwargs)
         probe["m"] = m
         return probe["summary"]
 
-    rm_stage.train = timed_train
+    fit.train = timed_train  # fit's call of the loop
     try:
         run_stage(recipe, recipe.stages[0].name, 1, "bench")
     finally:
-        rm_stage.train = real_train
+        fit.train = real_train
     m = probe["m"]
     losses = [r["train/loss"] for r in read_metrics(recipe.run_dir / "round_1" / "rm") if "train/loss" in r]
     return {"side": "ours", "device": device, "steps": probe["summary"].steps, "records": probe["records"],

@@ -253,7 +253,7 @@ def run_ours(args, work: Path) -> dict:
     a count of the examples its batches hold. Nothing it computes is changed."""
     import time
 
-    import align.train.sft as sft_stage
+    import align.train.fit as fit
     from align.config.recipe import recipe_from_dict
     from align.runner import run_stage
     from align.train.metrics import read_metrics
@@ -263,11 +263,12 @@ def run_ours(args, work: Path) -> dict:
     device = pick_device()
     clock = StepClock(device)
     counts = {"examples": 0, "tokens": 0, "scored": 0}
-    real_train = sft_stage.train
+    real_train = fit.train
     out = {}
 
     def observed_train(**kwargs):
-        make_batch, inner_on_step = kwargs["make_batch"], kwargs.get("on_step")
+        source, inner_on_step = kwargs["source"], kwargs.get("on_step")
+        make_batch = source.make_batch
 
         def counting_make_batch(group):
             batch = make_batch(group)
@@ -281,19 +282,20 @@ def run_ours(args, work: Path) -> dict:
                 inner_on_step(done)
             clock.mark(**counts)
 
-        kwargs.update(make_batch=counting_make_batch, on_step=on_step)
+        source.make_batch = counting_make_batch
+        kwargs.update(on_step=on_step)
         with measure(device) as out["memory"]:
             clock.start(**counts)
             out["summary"] = real_train(**kwargs)
         return out["summary"]
 
-    sft_stage.train = observed_train
+    fit.train = observed_train  # fit's call of the loop
     try:
         t0 = time.perf_counter()
         run_stage(recipe, stage.name, 1, "bench")
         stage_s = time.perf_counter() - t0
     finally:
-        sft_stage.train = real_train
+        fit.train = real_train
     losses = [r["train/loss"] for r in read_metrics(recipe.run_dir / "round_1" / "sft") if "train/loss" in r]
     note = f"whole stage incl. loading, tokenisation and saving the model: {stage_s:.1f} s"
     return side_result("ours", clock, out["memory"], losses, note)
