@@ -10,6 +10,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+from align.report_rounds import round_rows
+
 # The compact table: (column, how to read it from a stage's metrics). A stage shows only the columns it has.
 Cell = Callable[[dict], str | None]
 
@@ -204,7 +206,13 @@ def write_report(run_dir: Path, name: str, records: list[dict], write=None) -> N
     write(run_dir / "report.json", json.dumps(records, indent=1))
     plotted = plot_gold(run_dir / "report.png", records, f"{name}: gold metrics by stage")
     header, rows = compact_rows(records)
-    lines = [f"# {name}", "", *_markdown(header, rows)]
+    lines = [f"# {name}", ""]
+    by_round = round_rows(records)
+    if by_round[1]:
+        lines += ["## By round", "", "The last evaluated policy of each round; RM accuracy on held-out pairs, then on "
+                  "the held-out answers of the policy annotated this round (in brackets: last round's RM on them).",
+                  "", *_markdown(*by_round), "", "## By stage", ""]
+    lines += _markdown(header, rows)
     if plotted:
         lines += ["", "![gold metrics by stage](report.png)"]
     lines += ["", "## Every metric, by stage kind", *kind_tables(records)]
@@ -236,7 +244,8 @@ def print_report(run_dir: Path) -> str:
         if why is not None:
             raise ReportError(f"{path}: record {k}: {why}; not a report align wrote (`align run` writes it again)")
     header, rows = compact_rows(records)
-    return text_table(header, rows)
+    by_round = round_rows(records)
+    return (text_table(*by_round) + "\n\n" if by_round[1] else "") + text_table(header, rows)
 
 
 def _record_problem(record) -> str | None:

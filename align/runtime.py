@@ -94,6 +94,14 @@ class StageContext:
             return spec.path
         raise StageInputError(f"none of {as_refs(spec.from_stage)} has run by round {self.round}")
 
+    def ran(self, spec, kinds: tuple[Artifact, ...] = MODELS) -> str | None:
+        """The output of the first stage ``spec`` names that has run (``kinds``: the first it has), else None."""
+        for ref in as_refs(spec.from_stage):
+            result = self.upstream.get(ref)
+            if result is not None:
+                return _pick(ref, result, kinds)
+        return None
+
     def data_paths(self, spec: DataSpec, kinds: tuple[Artifact, ...]) -> list[str]:
         """Files of ``spec.paths`` and the outputs of every listed stage (the first of ``kinds`` each has;
         with ``accumulate``, also those of the same stages in every earlier round), oldest first."""

@@ -21,3 +21,12 @@ class LengthJudge:
 
 LENGTH_JUDGE = LengthJudge()
 NOT_CALLABLE = 3
+
+
+def _length_reward():
+    from rewards.protocol import PerSampleReward
+
+    return PerSampleReward(lambda prompt, response: len(response) / 10)
+
+
+LENGTH_REWARD = _length_reward()  # reward: {function: tests.user_evaluators:LENGTH_REWARD}: longer is better

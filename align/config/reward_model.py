@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from align.config.base import MODELS, Artifact, Consumes, StageBase
-from align.config.specs import DataSpec, ModelSpec, OptimConfig, TrainConfig
+from align.config.specs import DataSpec, ModelSpec, OptimConfig, StageRef, TrainConfig
 from data_schemas import STRENGTHS, Strength
 from rewards.encoding import MIN_MAX_LENGTH
 
@@ -63,6 +63,13 @@ class RewardModelStage(StageBase):
         None, gt=0, le=1,
         description="drop a response whose word-level similarity (difflib ratio) to a better-ranked response "
         "of the same record is at least this (training split only); null: off",
+    )
+    compare_with: Annotated[StageRef | None, Consumes(Artifact.REWARD_MODEL)] = Field(
+        None, description="another reward model stage (e.g. prev.rm_helpful: last round's) that scores the same "
+        "held-out records after training: compare_rm_accuracy beside rm_accuracy, and on the records annotated in "
+        "this round (meta.round, as rejection sampling writes it) compare_rm_newest_accuracy beside "
+        "rm_newest_accuracy (Llama 2's out-of-distribution drop of an RM on a newer policy's answers); skipped "
+        "where the stage has not run",
     )
     stats_records: int = Field(
         1000, ge=0, description="training records scored (with all held-out ones) for reward_stats.json"

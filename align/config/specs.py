@@ -91,6 +91,16 @@ def _only_previous_round(refs: list[str]) -> bool:
     return bool(refs) and all(r.startswith(PREV) for r in refs)
 
 
+class StageRef(Strict):
+    """An earlier stage's output by reference alone, for something a stage does when that stage has run and
+    skips when it has not (a 'prev.' stage in round 1)."""
+
+    from_stage: str | list[str] = Field(
+        ..., alias="from", description="stage(s) to read ('NAME' this round, 'prev.NAME' the previous round); "
+        "the first that has run is used, none: skipped",
+    )
+
+
 class ModelSpec(Strict):
     """Where a model comes from: a path or hub id, the built-in tiny model, or an earlier stage's output.
 

@@ -101,7 +101,8 @@ class RewardModel(Task):
                    "epochs_trained": self.source.epochs, **self.hygiene}
         if after:
             metrics.update(after, rm_accuracy_before=before.get("rm_accuracy"),
-                           rm_accuracy_length_baseline=length_baseline_accuracy(self.eval_records))
+                           rm_accuracy_length_baseline=length_baseline_accuracy(self.eval_records),
+                           **self._newest(self.eval_scores, "rm_newest_"), **self._compared())
             acc.print(f"[{stage.name}] held-out: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
             if acc.is_main_process:
                 write_scored_records(Path(self.ctx.out_dir) / "eval_scores.jsonl", self.eval_records, self.eval_scores)
@@ -112,6 +113,32 @@ class RewardModel(Task):
                                        extra={"records": len(stats_ex) + len(self.eval_ex), "stage": stage.name})
             metrics.update(reward_mean=self.stats.mean, reward_std=self.stats.std)
         return metrics
+
+
+    def _newest(self, scores, prefix: str) -> dict[str, float]:
+        """Accuracy on the held-out records annotated in this round (``meta.round``): the newest policy's."""
+        mine = [s for s, r in zip(scores, self.eval_records, strict=True) if r.meta.get("round") == self.ctx.round]
+        return {f"{prefix}accuracy": ranking_accuracy(mine)["rm_accuracy"], f"{prefix}records": len(mine)} if mine else {}
+
+    def _compared(self) -> dict[str, float]:
+        """``compare_with``'s accuracy on the same held-out records (tokenized with its own tokenizer)."""
+        stage = self.stage
+        path = self.ctx.ran(stage.compare_with, (Artifact.REWARD_MODEL,)) if stage.compare_with else None
+        if path is None or not self.eval_records:
+            return {}
+        spec = stage.model.model_copy(update={"path": path, "from_stage": None, "tokenizer": None, "lora": None,
+                                              "gradient_checkpointing": False})
+        tokenizer = load_reward_tokenizer(spec, path)
+        other = PackedRewards(load_reward_model(spec, path, tokenizer, seed=self.ctx.seed)).to(self.accelerator.device)
+        data = tokenize_ranked_records(tokenizer, self.eval_records, stage.train.max_length, self.max_prompt_length,
+                                       stage.margin)
+        if len(data.records) != len(self.eval_records):
+            raise StageInputError(f"stage '{stage.name}': compare_with {path} tokenizes the held-out records "
+                                  "differently (its tokenizer makes some responses identical): compare models "
+                                  "that share a tokenizer")
+        scores = score_ranked(other.eval(), data.examples, stage.train.batch_size, tokenizer.pad_token_id,
+                              self.accelerator.device, self.dtype)
+        return {"compare_rm_accuracy": ranking_accuracy(scores)["rm_accuracy"], **self._newest(scores, "compare_rm_newest_")}
 
 
 def run(stage: RewardModelStage, ctx: StageContext) -> StageResult:
