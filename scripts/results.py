@@ -48,6 +48,8 @@ HEADLINE = [
     ("DPO held-out reward accuracy", "eval_reward_accuracy"),
     ("RS gold of kept samples", "gold_best_mean"),
     ("RS gold of all samples", "gold_sample_mean"),
+    ("RS: its reward's pair accuracy on its samples", "gold_reward_accuracy"),
+    ("RS: last round's reward on them", "gold_compare_reward_accuracy"),
     ("task accuracy over the dialogue", "retention/task_mean"),
 ]
 SEED_SUFFIX = re.compile(r"_(s|seed)\d+$")
@@ -187,7 +189,7 @@ def seed_columns(runs: list[Run]) -> list[str]:
 
 def headline(runs: list[Run]) -> list[str]:
     """By stage: the metrics that matter, a column per seed (one round), or a column per round (the median
-    over seeds) for recipes with several rounds."""
+    over seeds, with their range) for recipes with several rounds."""
     all_stages = stages(runs)
     rounds = sorted({rnd for rnd, _, _ in all_stages})
     rows = []
@@ -205,7 +207,8 @@ def headline(runs: list[Run]) -> list[str]:
             for rnd in rounds:
                 values = [metric(run, rnd, stage, key) for run in runs]
                 nums = [v for v in values if isinstance(v, int | float)]
-                cells.append(fmt(statistics.median(nums)) if nums else "")
+                low_high = f" ({fmt(min(nums))}–{fmt(max(nums))})" if len(nums) > 1 else ""
+                cells.append(fmt(statistics.median(nums)) + low_high if nums else "")
             if any(cells):
                 rows.append([stage, label, *cells])
     return table(["stage", "metric", *[f"round {r}" for r in rounds]], rows)

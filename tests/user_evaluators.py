@@ -30,3 +30,5 @@ def _length_reward():
 
 
 LENGTH_REWARD = _length_reward()  # reward: {function: tests.user_evaluators:LENGTH_REWARD}: longer is better
+SHORT_REWARD = __import__("rewards.protocol", fromlist=["PerSampleReward"]).PerSampleReward(
+    lambda prompt, response: -len(response))  # shorter is better: the length judge's exact opposite

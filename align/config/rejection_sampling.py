@@ -40,9 +40,16 @@ class RejectionSamplingStage(StageBase):
     )
     write_pairs: bool = Field(True, description="also write (best, worst) preference pairs for DPO")
     min_pair_gap: float = Field(0.0, ge=0, description="write a pair only when best - worst exceeds this")
+    compare_reward: RewardSpec | None = Field(
+        None, description="a second reward that scores the same candidates, only to be compared (e.g. last round's "
+        "reward models: from: [prev.rm_helpful, rm_helpful]): with an evaluator that scores answers, "
+        "<name>_compare_reward_accuracy beside <name>_reward_accuracy",
+    )
     evaluators: EvaluatorNames = Field(
         default_factory=list, description=EVALUATORS_HELP + "; with a per-answer score (world: the gold score) "
-        "reported as <name>_best_mean, <name>_sample_mean and <name>_first_mean (kept, all, first samples)",
+        "reported as <name>_best_mean, <name>_sample_mean and <name>_first_mean (kept, all, first samples), and "
+        "<name>_reward_accuracy: over each prompt's candidate pairs that this score separates by more than "
+        "min_pair_gap, the share the reward orders the same way (by prompt tag: /helpfulness, /safety)",
     )
 
     def outputs(self, upstream):

@@ -28,6 +28,7 @@ from align.generation import make_generator, policy_generator
 from align.io_atomic import append_line, read_json_lines
 from align.models.reward_fn import build_reward, score_and_count
 from align.runtime import StageContext, StageInputError, StageResult
+from align.stages.reward_agreement import pair_agreement
 from data_schemas import Message, PreferenceRecord, ScoredSample, SFTRecord, read_jsonl, write_jsonl
 
 
@@ -176,7 +177,32 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
     if generated:
         metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
     metrics.update(evaluate_samples(evaluators, [p.prompt for p in prompts], samples.texts, kept.answers))
+    metrics.update(reward_accuracy(stage, ctx, prompts, samples.candidates, scores, evaluators))
     return StageResult(metrics=metrics)
+
+
+def reward_accuracy(stage: RejectionSamplingStage, ctx: StageContext, prompts, candidates, scores,
+                    evaluators) -> dict[str, float]:
+    """The reward's (and ``compare_reward``'s) pair accuracy on these candidates against the first evaluator
+    that scores answers (:func:`align.stages.reward_agreement.pair_agreement`); {} without one."""
+    flat_prompts = [prompts[i].prompt for i, c in enumerate(candidates) for _ in c]
+    flat_texts = [t for c in candidates for t in c]
+    for ev in (e for e in evaluators if hasattr(e, "score")):
+        flat = ev.score(flat_prompts, flat_texts)
+        if flat is not None:
+            break
+    else:
+        return {}
+    judge, pos = [], 0
+    for c in candidates:
+        judge.append([float(x) for x in flat[pos : pos + len(c)]])
+        pos += len(c)
+    name, safety = getattr(ev, "name", type(ev).__name__), [p.is_safety for p in prompts]
+    out = pair_agreement(scores, judge, safety, stage.min_pair_gap, f"{name}_reward")
+    if stage.compare_reward is not None:
+        other, _, _ = score_candidates(stage, ctx, prompts, candidates, stage.compare_reward)
+        out.update(pair_agreement(other, judge, safety, stage.min_pair_gap, f"{name}_compare_reward"))
+    return out
 
 
 def gather_samples(stage: RejectionSamplingStage, ctx: StageContext, prompts) -> Samples:
@@ -205,12 +231,12 @@ def gather_samples(stage: RejectionSamplingStage, ctx: StageContext, prompts) ->
 
 
 def score_candidates(stage: RejectionSamplingStage, ctx: StageContext, prompts,
-                     candidates: list[list[str]]) -> tuple[list[list[float]], int, int]:
+                     candidates: list[list[str]], spec=None) -> tuple[list[list[float]], int, int]:
     """-> (the reward of every candidate, by prompt; untagged samples and how many the safety model scored,
-    see :func:`align.models.reward_fn.score_and_count`)."""
+    see :func:`align.models.reward_fn.score_and_count`). ``spec``: another reward than the stage's."""
     flat_records = [prompts[i] for i, c in enumerate(candidates) for _ in c]
     flat_texts = [t for c in candidates for t in c]
-    reward = build_reward(stage.reward, ctx.model_path)
+    reward = build_reward(spec or stage.reward, ctx.model_path)
     flat_scores, untagged, by_safety = [], 0, 0
     if flat_texts:
         scored, untagged, by_safety = score_and_count(reward, [r.prompt for r in flat_records], flat_texts,

@@ -62,3 +62,16 @@ def test_evaluation_reports_its_evaluators_and_scores_answers_with_the_first_sco
     assert "gold_helpfulness" not in mine["metrics"] and "length_mean" in mine["metrics"]
     answers = rows(mine["artifacts"]["samples"])
     assert [a["score"] for a in answers] == [float(len(a["response"]["content"])) for a in answers]
+
+
+def test_rejection_sampling_scores_its_reward_and_a_compared_one_against_the_judge(tmp_path):
+    data = rs_recipe([JUDGE])
+    data["stages"][0].update(reward={"function": "tests.user_evaluators:LENGTH_REWARD"},
+                             compare_reward={"function": "tests.user_evaluators:SHORT_REWARD"})
+    [result] = run_in_one_process(data, tmp_path / "cmp")
+    m = result["metrics"]
+    assert m["length_reward_accuracy"] == 1.0 and m["length_reward_pairs"] > 0  # the reward is the judge / 10
+    assert m["length_compare_reward_accuracy"] == 0.0  # its exact opposite
+    assert m["length_compare_reward_pairs"] == m["length_reward_pairs"]
+    [bare] = run_in_one_process(rs_recipe([]), tmp_path / "bare")
+    assert not any("reward_accuracy" in k for k in bare["metrics"])

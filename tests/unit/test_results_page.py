@@ -96,3 +96,16 @@ def test_machine_from_cpuinfo():
         "AMD EPYC 9B45 (family 26, model 2, AVX-512), 2 cores, OMP_NUM_THREADS=2"
     assert results.machine("model name\t: X\nflags\t: avx2\n", cores=4, threads="") == \
         "X (AVX2), 4 cores, OMP_NUM_THREADS unset"
+
+
+def test_several_seeds_of_several_rounds_give_the_median_and_range_per_round(tmp_path):
+    for seed, golds in ((0, (0.7, 0.8)), (1, (0.6, 0.9)), (2, (0.65, 0.85))):
+        folder = tmp_path / f"v_s{seed}"
+        folder.mkdir()
+        (folder / "resolved.yaml").write_text(yaml.safe_dump({"name": f"v_s{seed}", "seed": seed}))
+        (folder / "report.json").write_text(json.dumps([
+            {"round": k, "stage": "eval", "kind": "evaluate", "artifacts": {}, "metrics": {"gold_helpfulness": g}}
+            for k, g in zip((1, 2), golds, strict=True)]))
+    assert results.main([str(tmp_path / f"v_s{s}") for s in (0, 1, 2)] + ["--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "v.md").read_text().splitlines()
+    assert _row(md, "eval", "gold helpfulness")[2:] == ["0.65 (0.6–0.7)", "0.85 (0.8–0.9)"]
