@@ -117,9 +117,11 @@ def _register_data_commands(sub) -> None:
     """``align data NAME``: each plug-in's ``data_command`` adds its own subparser (``add_command``; the
     built-in world's ``align data world``, :mod:`align.plugins`)."""
     from align import plugins
+    from align.data.continuation import add_command as add_continuations  # align data continuations
 
     for name in plugins.names("data_command"):
         plugins.load("data_command", name)(sub)
+    add_continuations(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
