@@ -114,7 +114,6 @@ class RewardModel(Task):
             metrics.update(reward_mean=self.stats.mean, reward_std=self.stats.std)
         return metrics
 
-
     def _newest(self, scores, prefix: str) -> dict[str, float]:
         """Accuracy on the held-out records annotated in this round (``meta.round``): the newest policy's."""
         mine = [s for s, r in zip(scores, self.eval_records, strict=True) if r.meta.get("round") == self.ctx.round]
