@@ -86,6 +86,8 @@ def check_recipe(stages: list[StageBase], rounds: int, contents: bool = True) ->
                                                  stage.launch.num_processes)
         for inp in stage.inputs():
             where = f"{at}.{inp.where}"
+            if getattr(inp.spec, "weight", None) is not None and ".mix[" not in f".{inp.where}":
+                problems.append(f"{where}.weight: only a part of a 'mix' has a weight")
             problems += _check_references(where, inp, seen, set(every), produced, kinds)
             problems += _check_files(where, inp, contents)
         seen.add(stage.name)

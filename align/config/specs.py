@@ -178,6 +178,13 @@ class DataSpec(Strict):
     )
     skip_bad_rows: bool = Field(False, description="skip rows that fail validation (count reported)")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction held out for evaluation")
+    mix: list[DataSpec] = Field(
+        default_factory=list, description="instead of one source, several with weights (Llama 2 mixed its "
+        "own preference data with open data at set ratios): each part {paths: [...] or builtin: ..., weight: W}; "
+        "the records keep the total size of the parts, each part drawn to its weight's share (seeded, with "
+        "repeats where a part has fewer records than its share), so the proportions hold in every epoch",
+    )
+    weight: float | None = Field(None, gt=0, description="a mix part's relative share of the records")
 
     @field_validator("paths")
     @classmethod
@@ -195,13 +202,28 @@ class DataSpec(Strict):
     @model_validator(mode="after")
     def _one_source(self):
         refs = as_refs(self.from_stage)
+        if self.mix:
+            return self._mix_checks(refs)
         if self.builtin is None and not self.paths and not refs:
-            raise ValueError("give 'paths', 'from' or 'builtin'")
+            raise ValueError("give 'paths', 'from', 'builtin' or 'mix'")
         if _only_previous_round(refs) and not self.paths and self.builtin is None:
             raise ValueError(
                 "'from' names only previous-round stages, which round 1 does not have: add 'paths' or a "
                 "same-round stage"
             )
+        return self
+
+
+    def _mix_checks(self, refs: list[str]):
+        if self.paths or refs or self.builtin is not None:
+            raise ValueError("give 'mix' alone: its parts name the files and built-in sets")
+        for k, part in enumerate(self.mix):
+            if part.weight is None:
+                raise ValueError(f"mix[{k}]: give its 'weight'")
+            if part.mix or part.from_stage is not None:
+                raise ValueError(f"mix[{k}]: a part reads files ('paths') or a built-in set, not a stage or another mix")
+            if part.eval_fraction or part.skip_bad_rows:
+                raise ValueError(f"mix[{k}]: eval_fraction and skip_bad_rows belong to the mix, not a part")
         return self
 
 

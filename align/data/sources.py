@@ -23,11 +23,36 @@ def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
 
 
 def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: int, what: str) -> list:
-    """The built-in set's records (if ``spec.builtin``), then those of the files (``paths``)."""
+    """The built-in set's records (if ``spec.builtin``), then those of the files (``paths``); a ``mix``: each
+    part's records, drawn to its weight (:func:`mix_records`)."""
+    if spec.mix:
+        parts = [subset(gather(table, part, part.paths, kind, seed, what), part, seed) for part in spec.mix]
+        records, counts = mix_records(parts, [part.weight for part in spec.mix], seed)
+        print("data mix: " + "; ".join(f"{describe_sources(part, part.paths)}: {c} records (of {len(r)})"
+                                       for part, c, r in zip(spec.mix, counts, parts, strict=True)))
+        return records
     records = builtin_records(table, spec, seed, what) if spec.builtin is not None else []
     if paths or spec.builtin is None:
         records += read_records(list(paths), kind, spec.skip_bad_rows)
     return records
+
+
+def mix_records(parts: Sequence[list], weights: Sequence[float], seed: int) -> tuple[list, list[int]]:
+    """-> (records, how many each part gave): as many records as the parts hold together, part i's share
+    weights[i] / sum(weights) of them (largest remainders), drawn without repeats where the part has enough
+    records and with whole repeats plus a draw where it has fewer; part order kept, seeded."""
+    total, norm = sum(len(p) for p in parts), sum(weights)
+    exact = [w / norm * total for w in weights]
+    counts = [int(x) for x in exact]
+    for i in sorted(range(len(parts)), key=lambda i: exact[i] - counts[i], reverse=True)[: total - sum(counts)]:
+        counts[i] += 1
+    rng, out = random.Random(f"mix:{seed}"), []
+    for k, (records, n) in enumerate(zip(parts, counts, strict=True)):
+        if n and not records:
+            raise StageInputError(f"mix[{k}] has no records but a weight of {weights[k]}")
+        whole, rest = divmod(n, len(records)) if records else (0, 0)
+        out += list(records) * whole + [records[i] for i in sorted(rng.sample(range(len(records)), rest))]
+    return out, counts
 
 
 def describe_sources(spec: DataSpec, paths: Sequence[str]) -> str:
