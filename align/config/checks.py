@@ -142,7 +142,7 @@ def _check_files(where, inp: Input, contents: bool = True) -> list[str]:
     """The files and names a spec points at: data files (and their rows, with ``contents``), a built-in
     data set's name, a model folder (with ``contents``)."""
     spec = inp.spec
-    problems = _check_data_paths(where, inp, contents) + _check_builtin(where, inp)
+    problems = _check_data_paths(where, inp, contents) + _check_builtin(where, inp) + _check_hf(where, inp, contents)
     path = getattr(spec, "path", None)
     if hasattr(spec, "tokenizer") and isinstance(path, str) and contents:  # a model
         problems += _check_model(where, spec, path)
@@ -158,6 +158,23 @@ def _check_data_paths(where, inp: Input, contents: bool) -> list[str]:
         elif kind is not None:
             problems += check_data_file(f"{where}.paths[{k}]", path, kind, getattr(spec, "skip_bad_rows", False))
     return problems
+
+
+def _check_hf(where, inp: Input, contents: bool) -> list[str]:
+    """A local datasets source is read and every row validated (with ``contents``); a hub id is left to the
+    stage (a request per check would be slow, and the hub may need a token)."""
+    source = getattr(inp.spec, "hf", None)
+    kind = RECORD_KIND.get(inp.accepts[0]) if inp.accepts else None
+    if source is None or not contents or kind is None or not Path(source.path).expanduser().exists():
+        return []
+    from data_schemas import DataError
+    from data_schemas.hf_io import read_hf
+
+    try:
+        read_hf(source, kind, getattr(inp.spec, "skip_bad_rows", False))
+    except (DataError, ValueError, OSError) as err:
+        return [f"{where}.hf: {err}"]
+    return []
 
 
 def _not_a_file(path: str) -> str:

@@ -154,6 +154,16 @@ class ModelSpec(Strict):
         return self
 
 
+class HFSource(Strict):
+    """A Hugging Face ``datasets`` source: a hub id, a ``save_to_disk`` folder, or a Parquet / Arrow / JSON(L) /
+    CSV file."""
+
+    path: str = Field(..., description="hub id, save_to_disk folder, or a .parquet/.arrow/.json/.jsonl/.csv file")
+    name: str | None = Field(None, description="the hub data set's configuration (subset)")
+    split: str = Field("train", description="split to read (a file is one split)")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
+
+
 class DataSpec(Strict):
     """Where records come from: JSONL files (our schema or TRL's format), a built-in set, or a stage."""
 
@@ -171,6 +181,10 @@ class DataSpec(Strict):
         "too, its records come first, then theirs (e.g. replaying the SFT chats beside an earlier stage's data)",
     )
     builtin_size: int = Field(512, gt=0, description="records to generate for a built-in set")
+    hf: HFSource | None = Field(
+        None, description="records from Hugging Face datasets (after the built-in set, before the files): "
+        "{path: ID_OR_FILE_OR_FOLDER, name:, split:, revision:}; every row validated as a JSONL row would be",
+    )
     limit: int | None = Field(None, gt=0, description="read at most this many records (the first ones)")
     sample: int | None = Field(
         None, gt=0, description="then keep a random subset of this many records (seeded, file order kept): "
@@ -204,9 +218,9 @@ class DataSpec(Strict):
         refs = as_refs(self.from_stage)
         if self.mix:
             return self._mix_checks(refs)
-        if self.builtin is None and not self.paths and not refs:
-            raise ValueError("give 'paths', 'from', 'builtin' or 'mix'")
-        if _only_previous_round(refs) and not self.paths and self.builtin is None:
+        if self.builtin is None and self.hf is None and not self.paths and not refs:
+            raise ValueError("give 'paths', 'from', 'builtin', 'hf' or 'mix'")
+        if _only_previous_round(refs) and not self.paths and self.builtin is None and self.hf is None:
             raise ValueError(
                 "'from' names only previous-round stages, which round 1 does not have: add 'paths' or a "
                 "same-round stage"
@@ -215,8 +229,8 @@ class DataSpec(Strict):
 
 
     def _mix_checks(self, refs: list[str]):
-        if self.paths or refs or self.builtin is not None:
-            raise ValueError("give 'mix' alone: its parts name the files and built-in sets")
+        if self.paths or refs or self.builtin is not None or self.hf is not None:
+            raise ValueError("give 'mix' alone: its parts name the files, hf sources and built-in sets")
         for k, part in enumerate(self.mix):
             if part.weight is None:
                 raise ValueError(f"mix[{k}]: give its 'weight'")

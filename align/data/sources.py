@@ -32,7 +32,14 @@ def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: i
                                        for part, c, r in zip(spec.mix, counts, parts, strict=True)))
         return records
     records = builtin_records(table, spec, seed, what) if spec.builtin is not None else []
-    if paths or spec.builtin is None:
+    if spec.hf is not None:
+        from data_schemas.hf_io import read_hf
+
+        rows = read_hf(spec.hf, kind, spec.skip_bad_rows)
+        if rows.skipped:
+            print(f"{spec.hf.path}: skipped {rows.skipped} bad rows (first: {rows.errors[0]})")
+        records += rows
+    if paths or (spec.builtin is None and spec.hf is None):
         records += read_records(list(paths), kind, spec.skip_bad_rows)
     return records
 
@@ -58,6 +65,7 @@ def mix_records(parts: Sequence[list], weights: Sequence[float], seed: int) -> t
 def describe_sources(spec: DataSpec, paths: Sequence[str]) -> str:
     """Where a stage's records came from, for messages: the built-in set and the files read."""
     parts = [f"the built-in set '{spec.builtin}'"] if spec.builtin is not None else []
+    parts += [f"the datasets source {spec.hf.path}"] if spec.hf is not None else []
     return ", ".join(parts + list(paths)) or "no file"
 
 

@@ -42,7 +42,7 @@ def test_preferences_and_prompts_combine_the_same_way(tmp_path):
 
 
 def test_a_spec_needs_a_source_and_a_builtin_counts_for_round_one():
-    with pytest.raises(ValidationError, match="give 'paths', 'from' or 'builtin'"):
+    with pytest.raises(ValidationError, match="give 'paths', 'from', 'builtin', 'hf' or 'mix'"):
         DataSpec()
     with pytest.raises(ValidationError, match="previous-round"):
         DataSpec(**{"from": "prev.rs"})
