@@ -10,7 +10,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from align.report_rounds import round_rows
+from align.report_rounds import clock, round_rows
 
 # The compact table: (column, how to read it from a stage's metrics). A stage shows only the columns it has.
 Cell = Callable[[dict], str | None]
@@ -56,13 +56,6 @@ GOLD_CURVES = (("gold_helpfulness", "gold helpfulness"), ("safety_violation_rate
                ("over_refusal_rate", "over-refusal rate"))
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m}:{s:02d}"
-
-
 def compact_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     """-> (header, rows) of the compact table: round, stage, kind, the COMPACT columns any stage has, time."""
     used = [(name, cell) for name, cell in COMPACT if any(cell(r["metrics"]) is not None for r in records)]
@@ -70,7 +63,7 @@ def compact_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for r in records:
         cells = [cell(r["metrics"]) or "" for _, cell in used]
-        rows.append([str(r["round"]), r["stage"], r["kind"], *cells, _clock(r.get("stage_seconds"))])
+        rows.append([str(r["round"]), r["stage"], r["kind"], *cells, clock(r.get("stage_seconds"))])
     return header, rows
 
 

@@ -46,6 +46,14 @@ def round_summary(records: list[dict]) -> list[Row]:
     return rows
 
 
+def clock(seconds: float | None) -> str:
+    """``m:ss``; blank when unknown."""
+    if seconds is None:
+        return ""
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
+
+
 def _f(v, fmt="{:.3f}") -> str:
     return "" if v is None else fmt.format(v)
 
@@ -66,7 +74,7 @@ def _columns(rows: list[Row]) -> list[tuple[str, Callable[[Row], str]]]:
                   lambda r, s=rs: _paired(r, f"{s}/reward_accuracy", f"{s}/previous_reward_accuracy")),
                  (f"{rs} gold kept / mean", lambda r, s=rs: "" if r.get(f"{s}/gold_kept") is None else
                   f"{r[f'{s}/gold_kept']:.3f} / {_f(r.get(f'{s}/gold_mean'))}")]
-    cols.append(("time", lambda r: f"{int(r['seconds'] // 60)}:{int(r['seconds'] % 60):02d}"))
+    cols.append(("time", lambda r: clock(r["seconds"])))
     return [(name, cell) for name, cell in cols if name in ("round", "time") or any(cell(r) for r in rows)]
 
 

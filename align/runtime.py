@@ -86,10 +86,9 @@ class StageContext:
 
     def model_path(self, spec: ModelSpec, kinds: tuple[Artifact, ...] = MODELS) -> str:
         """The model of the first listed stage that has run, else ``spec.path``."""
-        for ref in as_refs(spec.from_stage):
-            result = self.upstream.get(ref)
-            if result is not None:
-                return _pick(ref, result, kinds)
+        path = self.ran(spec, kinds)
+        if path is not None:
+            return path
         if spec.path is not None:
             return spec.path
         raise StageInputError(f"none of {as_refs(spec.from_stage)} has run by round {self.round}")

@@ -48,8 +48,7 @@ def read_hf(source, kind, skip_bad: bool = False) -> Records:
         except DataError as err:
             if not skip_bad:
                 raise
-            out.skipped += 1
-            out.errors.append(err)
+            out.skip(err)
     return out
 
 

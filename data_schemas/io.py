@@ -95,6 +95,12 @@ class Records(list):
         self.skipped: int = 0
         self.errors: list[DataError] = []
 
+    def skip(self, error: DataError) -> None:
+        """Count a skipped bad row, keeping the first errors."""
+        self.skipped += 1
+        if len(self.errors) < _MAX_ERRORS:
+            self.errors.append(error)
+
 
 def resolve_kind(kind: type[R] | str) -> type[R]:
     if isinstance(kind, str):
@@ -185,9 +191,7 @@ def read_jsonl(
             except DataError as e:
                 if not skip_bad:
                     raise
-                out.skipped += 1
-                if len(out.errors) < _MAX_ERRORS:
-                    out.errors.append(e)
+                out.skip(e)
                 continue
             if rec is not None:
                 out.append(rec)

@@ -10,11 +10,10 @@ writes ``continuation.train.jsonl`` and ``continuation.heldout.jsonl`` (prompt r
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from data_schemas import DataError, Message, PromptRecord, write_jsonl
+from data_schemas import Message, PromptRecord, SFTRecord, read_jsonl, write_jsonl
 
 INSTRUCTION = "Continue this text in a few sentences, in the same voice:\n\n"
 
@@ -31,16 +30,16 @@ def prefix_of(text: str, min_words: int, max_words: int) -> str | None:
     return " ".join(words[:n]) if len(words) >= n + 4 else None
 
 
-def record_prefixes(rows: Iterable[dict], sources: Sequence[str], exclude: Sequence[str], min_words: int,
+def record_prefixes(records: Iterable[SFTRecord], sources: Sequence[str], exclude: Sequence[str], min_words: int,
                     max_words: int, per_record: int) -> list[list[str]]:
-    """Per chosen row (``source`` contains one of ``sources``, none of ``exclude``): the prefixes of its first
-    ``per_record`` usable assistant messages; rows without one are left out."""
+    """Per chosen record (``source`` contains one of ``sources``, none of ``exclude``): the prefixes of its
+    first ``per_record`` usable assistant messages; records without one are left out."""
     out = []
-    for row in rows:
-        source = str(row.get("source", ""))
+    for record in records:
+        source = record.source or ""
         if not any(s in source for s in sources) or any(x in source for x in exclude):
             continue
-        texts = [m.get("content", "") for m in row.get("messages", []) if m.get("role") == "assistant"]
+        texts = [m.content for m in record.messages if m.role == "assistant"]
         found = [p for p in (prefix_of(t, min_words, max_words) for t in texts) if p is not None]
         if found:
             out.append(found[:per_record])
@@ -71,26 +70,12 @@ def prompt_records(prefixes: Sequence[str], split: str) -> list[PromptRecord]:
             for p in prefixes]
 
 
-def _rows(path: str) -> Iterable[dict]:
-    with open(path, encoding="utf-8") as f:
-        for k, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as err:
-                raise DataError(f"{path}:{k}: not a JSON object ({err})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{k}: expected a JSON object, got {type(row).__name__}")
-            yield row
-
-
 def write_continuations(paths: Sequence[str], out: Path, *, sources=("human",), exclude=("gsm8k",), min_words=6,
                         max_words=12, per_record=2, heldout=256) -> dict[str, int]:
     """Read every file, split, write the two files into ``out`` -> counts."""
     groups = []
     for path in paths:
-        groups += record_prefixes(_rows(path), sources, exclude, min_words, max_words, per_record)
+        groups += record_prefixes(read_jsonl(path, "sft"), sources, exclude, min_words, max_words, per_record)
     train, held = split_records(groups, heldout)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "continuation.train.jsonl", prompt_records(train, "train"))

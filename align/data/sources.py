@@ -15,11 +15,15 @@ def read_records(paths: list[str], kind: str, skip_bad: bool) -> list:
     """Validated records of every file, in order; with ``skip_bad``, bad rows are skipped and counted."""
     records = []
     for path in paths:
-        rows = read_jsonl(path, kind, skip_bad=skip_bad)
-        if rows.skipped:
-            print(f"{path}: skipped {rows.skipped} bad rows (first: {rows.errors[0]})")
-        records += rows
+        records += _said_skipped(path, read_jsonl(path, kind, skip_bad=skip_bad))
     return records
+
+
+def _said_skipped(name, rows):
+    """``rows`` (a :class:`data_schemas.Records`), after printing how many bad rows were skipped, if any."""
+    if rows.skipped:
+        print(f"{name}: skipped {rows.skipped} bad rows (first: {rows.errors[0]})")
+    return rows
 
 
 def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: int, what: str) -> list:
@@ -35,10 +39,7 @@ def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: i
     if spec.hf is not None:
         from data_schemas.hf_io import read_hf
 
-        rows = read_hf(spec.hf, kind, spec.skip_bad_rows)
-        if rows.skipped:
-            print(f"{spec.hf.path}: skipped {rows.skipped} bad rows (first: {rows.errors[0]})")
-        records += rows
+        records += _said_skipped(spec.hf.path, read_hf(spec.hf, kind, spec.skip_bad_rows))
     if paths or (spec.builtin is None and spec.hf is None):
         records += read_records(list(paths), kind, spec.skip_bad_rows)
     return records

@@ -193,10 +193,7 @@ def reward_accuracy(stage: RejectionSamplingStage, ctx: StageContext, prompts, c
             break
     else:
         return {}
-    judge, pos = [], 0
-    for c in candidates:
-        judge.append([float(x) for x in flat[pos : pos + len(c)]])
-        pos += len(c)
+    judge = by_prompt([float(x) for x in flat], candidates)
     name, safety = getattr(ev, "name", type(ev).__name__), [p.is_safety for p in prompts]
     out = pair_agreement(scores, judge, safety, stage.min_pair_gap, f"{name}_reward")
     if stage.compare_reward is not None:
@@ -242,11 +239,16 @@ def score_candidates(stage: RejectionSamplingStage, ctx: StageContext, prompts,
         scored, untagged, by_safety = score_and_count(reward, [r.prompt for r in flat_records], flat_texts,
                                                       [r.is_safety for r in flat_records])
         flat_scores = scored.tolist()
-    scores, pos = [], 0
+    return by_prompt(flat_scores, candidates), untagged, by_safety
+
+
+def by_prompt(flat: list, candidates: list[list[str]]) -> list[list]:
+    """``flat`` (one value per candidate, prompt after prompt) cut back into one list per prompt."""
+    out, pos = [], 0
     for c in candidates:
-        scores.append(flat_scores[pos : pos + len(c)])
+        out.append(flat[pos : pos + len(c)])
         pos += len(c)
-    return scores, untagged, by_safety
+    return out
 
 
 def run_relative(model: str, out_dir: str | Path) -> str:

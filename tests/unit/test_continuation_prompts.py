@@ -13,7 +13,7 @@ from align.data.continuation import (
     split_records,
     write_continuations,
 )
-from data_schemas import read_jsonl
+from data_schemas import parse_record, read_jsonl
 
 
 def row(i: int, source: str = "Topical-Chat (human-human)", turns: int = 2) -> dict:
@@ -33,7 +33,8 @@ def test_prefix_words_and_short_texts():
 
 
 def test_sources_exclusions_and_per_record():
-    rows = [row(0), row(1, "gsm8k/train (human-written)"), row(2, "arena (GPT-4 answer)"), row(3, turns=3)]
+    rows = [parse_record(r, "sft") for r in (row(0), row(1, "gsm8k/train (human-written)"),
+                                             row(2, "arena (GPT-4 answer)"), row(3, turns=3))]
     groups = record_prefixes(rows, ["human"], ["gsm8k"], 6, 12, per_record=2)
     assert len(groups) == 2 and all(len(g) == 2 for g in groups)  # rows 0 and 3, two prefixes each
     assert all(p.startswith(f"w{i}_") for g, i in zip(groups, (0, 3), strict=True) for p in g)
@@ -62,7 +63,7 @@ def test_command_writes_prompt_records_and_names_a_bad_line(tmp_path, capsys):
     assert all(r.prompt[0].content.startswith(INSTRUCTION) and r.tags[-1] == "heldout" for r in held)
     data.write_text(json.dumps(row(0)) + "\n{not json\n")
     assert main(["data", "continuations", "--data", str(data), "--out", str(tmp_path / "o2")]) == 2
-    assert f"{data}:2: not a JSON object" in capsys.readouterr().err
+    assert f"{data}:2: invalid JSON" in capsys.readouterr().err
 
 
 def test_shared_human_text_gives_256_held_out_prompts(tmp_path, shared_data):

@@ -45,6 +45,8 @@ def test_a_bad_row_is_named_before_any_work(tmp_path):
     datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "x.parquet"))
     with pytest.raises(RecipeError, match=r"stages\[rm\]\.data\.hf: .*x\.parquet\[split=train\]:4: .*rejected"):
         recipe_from_dict(_recipe({"path": str(tmp_path / "x.parquet")}))
+    kept = load_preferences(DataSpec(hf={"path": str(tmp_path / "x.parquet")}, skip_bad_rows=True), [], seed=0)
+    assert len(kept) == 4  # with skip_bad_rows the bad row is skipped (and counted in the log)
     datasets.Dataset.from_list(_rows(3)).save_to_disk(str(tmp_path / "one"))
     assert recipe_from_dict(_recipe({"path": str(tmp_path / "one")})).stages[0].data.hf.split == "train"
 
