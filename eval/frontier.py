@@ -21,8 +21,10 @@ from pathlib import Path
 
 import yaml
 
-METRICS = ("gold_helpfulness", "safety_violation_rate", "over_refusal_rate", "gold_score")
+METRICS = ("gold_helpfulness", "safety_violation_rate", "over_refusal_rate", "gold_score",  # the built-in world
+           "sentiment", "distinct_2", "word_repeat_rate")  # the sentiment judge (rewards.sentiment, eval.diversity)
 KNOB = {"dpo": "beta", "ppo": "kl_coef"}
+BEST_OF_N = "best-of-N"
 
 
 def _stages(run_dir: Path) -> tuple[int, dict[str, dict]]:
@@ -35,15 +37,36 @@ def _jsonl(path: Path) -> list[dict]:
 
 
 def method_of(stage: dict, stages: dict[str, dict]) -> str:
-    """A trained stage's method label: ``PPO (RMs)``, ``DPO (gold pairs)`` or ``DPO (RM pairs)`` (by what
-    ranked the pairs it trains on: the gold judge or the reward models)."""
+    """A trained stage's method label, by what rewards it: ``PPO (RMs)`` (Helpfulness + Safety), ``PPO (RM)``
+    (one reward model), ``PPO (F)`` (a reward function F: ``gold``, ``sentiment``: the paper's PPO-GT), and
+    for DPO what ranked its pairs: ``DPO (F pairs)`` or ``DPO (RM pairs)``."""
     if stage["kind"] == "ppo":
         reward = stage.get("reward") or {}
-        return "PPO (gold)" if reward.get("function") == "gold" else "PPO (RMs)"
+        if reward.get("function"):
+            return f"PPO ({reward['function']})"
+        return "PPO (RM)" if reward.get("model") else "PPO (RMs)"
     source = stage["data"].get("from")
     source = source[0] if isinstance(source, list) else source
     ranked_by = stages.get(source, {}).get("reward") or {}
-    return "DPO (gold pairs)" if ranked_by.get("function") == "gold" else "DPO (RM pairs)"
+    return f"DPO ({ranked_by['function']} pairs)" if ranked_by.get("function") else "DPO (RM pairs)"
+
+
+def best_of_n_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
+    """One row per N of every rejection-sampling stage with ``best_of`` (method ``best-of-N``, knob N,
+    checkpoint 1): its analytic KL and the evaluators' metrics of the picks (``best_of_<N>/...``)."""
+    rows = []
+    for run_dir in map(Path, run_dirs):
+        seed, stages = _stages(run_dir)
+        for name, stage in stages.items():
+            done = run_dir / f"round_{round_}" / name / "result.json"
+            if stage["kind"] != "rejection_sampling" or not stage.get("best_of") or not done.is_file():
+                continue
+            result = json.loads(done.read_text())["metrics"]
+            for n in stage["best_of"]:
+                rows.append({"seed": seed, "run": name, "method": BEST_OF_N, "knob": "N", "value": float(n),
+                             "step": 0, "checkpoint": 1, "kl": result[f"best_of_{n}/kl"],
+                             **{m: result.get(f"best_of_{n}/{m}") for m in METRICS}})
+    return rows
 
 
 def checkpoint_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
@@ -60,7 +83,8 @@ def checkpoint_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dic
             source = stage["model"].get("from")
             trained = stages.get(source) if isinstance(source, str) else None
             if trained is None or trained["kind"] not in KNOB:
-                if source is not None and (stage.get("reference") or {}).get("from") == source:
+                reference = stage.get("reference") or {}
+                if reference and (reference == stage["model"] or (source is not None and reference.get("from") == source)):
                     result = json.loads((folder / "result.json").read_text())["metrics"]
                     rows.append({"seed": seed, "run": "start", "method": "start", "knob": None, "value": None,
                                  "step": 0, "checkpoint": 0, "kl": 0.0,
@@ -80,9 +104,10 @@ def change_from_start(rows: Sequence[dict]) -> list[dict]:
     """The rows with each gold metric minus the same seed's start value: seeds whose starts differ (a few
     points of gold helpfulness here) are compared on what each method changed, not on where they began."""
     start = {r["seed"]: r for r in rows if r["method"] == "start"}
+    start_n = {r["seed"]: r for r in rows if r["method"] == BEST_OF_N and r["value"] == 1}  # its own prompts
     out = []
     for r in rows:
-        base = start.get(r["seed"])
+        base = start_n.get(r["seed"]) if r["method"] == BEST_OF_N and r["seed"] in start_n else start.get(r["seed"])
         if base is None:
             raise ValueError(f"seed {r['seed']} has no start row (an evaluation of the start against itself)")
         out.append({**r, **{m: r[m] - base[m] for m in METRICS if r.get(m) is not None and base.get(m) is not None}})
@@ -145,7 +170,9 @@ def compute_rows(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
 
 
 COLORS = {"DPO (gold pairs)": "tab:blue", "DPO (RM pairs)": "tab:cyan", "PPO (RMs)": "tab:red",
-          "PPO (gold)": "tab:orange", "start": "black"}
+          "PPO (gold)": "tab:orange", "start": "black", "DPO (sentiment pairs)": "tab:blue",
+          "PPO (sentiment)": "tab:orange", "PPO (RM)": "tab:red", BEST_OF_N: "tab:green",
+          "DPO": "tab:blue", "PPO-GT": "tab:orange", "PPO-RM": "tab:red"}  # the DPO paper's names
 
 
 def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool = True, title: str | None = None,
@@ -171,3 +198,41 @@ def plot_frontier(rows: Sequence[dict], metric: str, ax, higher_is_better: bool 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
+
+
+def front_at(front: Sequence[tuple[float, float]], kl: float) -> float | None:
+    """The best value a Pareto front (:func:`pareto_front`, higher is better) reaches at a KL no larger than
+    ``kl`` (None: none of its points is that close to the start)."""
+    reached = [y for x, y in front if x <= kl]
+    return max(reached) if reached else None
+
+
+def compare_fronts(summary: Sequence[dict], metric: str, a: str, b: str, points: int = 4) -> list[dict]:
+    """Method ``a``'s front minus method ``b``'s at ``points`` KL values spread (log-evenly) over the KL range
+    both methods reach (rows of :func:`summarise`): {kl, a, b, difference}; [] when the ranges do not meet."""
+    fronts = {m: pareto_front([(s["kl"], s[metric]) for s in summary if s["method"] == m]) for m in (a, b)}
+    if not fronts[a] or not fronts[b]:
+        return []
+    lo = max(fronts[a][0][0], fronts[b][0][0], 1e-3)
+    hi = min(max(x for x, _ in fronts[a]), max(x for x, _ in fronts[b]))
+    if hi < lo:
+        return []
+    kls = [lo * (hi / lo) ** (i / max(points - 1, 1)) for i in range(points)]
+    out = []
+    for kl in kls:
+        ya, yb = front_at(fronts[a], kl), front_at(fronts[b], kl)
+        out.append({"kl": kl, a: ya, b: yb, "difference": None if ya is None or yb is None else ya - yb})
+    return out
+
+
+def stage_seconds(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
+    """Every finished stage of every run, in recipe order: {seed, stage, kind, minutes} (wall time)."""
+    out = []
+    for run_dir in map(Path, run_dirs):
+        seed, stages = _stages(run_dir)
+        for name, stage in stages.items():
+            done = run_dir / f"round_{round_}" / name / "result.json"
+            if done.is_file():
+                seconds = json.loads(done.read_text()).get("seconds") or 0.0
+                out.append({"seed": seed, "stage": name, "kind": stage["kind"], "minutes": seconds / 60})
+    return out

@@ -143,6 +143,8 @@ def _check_files(where, inp: Input, contents: bool = True) -> list[str]:
     data set's name, a model folder (with ``contents``)."""
     spec = inp.spec
     problems = _check_data_paths(where, inp, contents) + _check_builtin(where, inp) + _check_hf(where, inp, contents)
+    if getattr(spec, "continuation", None) is not None and Artifact.PROMPTS not in inp.accepts:
+        problems.append(f"{where}.continuation: makes prompts, and this field reads {_names(inp.accepts)}")
     path = getattr(spec, "path", None)
     if hasattr(spec, "tokenizer") and isinstance(path, str) and contents:  # a model
         problems += _check_model(where, spec, path)
@@ -152,6 +154,8 @@ def _check_files(where, inp: Input, contents: bool = True) -> list[str]:
 def _check_data_paths(where, inp: Input, contents: bool) -> list[str]:
     spec, problems = inp.spec, []
     kind = RECORD_KIND.get(inp.accepts[0]) if inp.accepts and contents else None
+    if kind is not None and getattr(spec, "continuation", None) is not None:
+        kind = "sft"  # continuation prompts are made of chats
     for k, path in enumerate(getattr(spec, "paths", None) or []):
         if not Path(path).is_file():
             problems.append(f"{where}.paths[{k}]: {_not_a_file(path)}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 
 from align.config.base import PROMPT_SOURCES, Artifact, Consumes, StageBase
 from align.config.reward import RewardSpec
@@ -45,12 +45,30 @@ class RejectionSamplingStage(StageBase):
         "reward models: from: [prev.rm_helpful, rm_helpful]): with an evaluator that scores answers, "
         "<name>_compare_reward_accuracy beside <name>_reward_accuracy",
     )
+    best_of: list[int] = Field(
+        default_factory=list, description="also report best-of-N for each N here (each <= k): the reward's pick "
+        "among each prompt's first N samples, judged by the evaluators (best_of_<N>/<metric>), with its analytic "
+        "KL to the policy, log N - (N-1)/N (best_of_<N>/kl): the sampling baseline of a reward-KL plot",
+    )
     evaluators: EvaluatorNames = Field(
         default_factory=list, description=EVALUATORS_HELP + "; with a per-answer score (world: the gold score) "
         "reported as <name>_best_mean, <name>_sample_mean and <name>_first_mean (kept, all, first samples), and "
         "<name>_reward_accuracy: over each prompt's candidate pairs that this score separates by more than "
         "min_pair_gap, the share the reward orders the same way (by prompt tag: /helpfulness, /safety)",
     )
+
+    @field_validator("best_of")
+    @classmethod
+    def _positive(cls, ns: list[int]) -> list[int]:
+        if any(n < 1 for n in ns):
+            raise ValueError("every N must be at least 1")
+        return ns
+
+    @model_validator(mode="after")
+    def _best_of_within_k(self):
+        if any(n > self.k for n in self.best_of):
+            raise ValueError(f"best_of: every N must be at most k={self.k} (the samples drawn per prompt)")
+        return self
 
     def outputs(self, upstream):
         out = dict(self.produces)

@@ -11,15 +11,31 @@ TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num
         "num_key_value_heads": 1}
 
 
-def shrink(recipe: dict) -> dict:
-    """A copy of ``recipe`` (a dict) at smoke size."""
+def shrink(recipe: dict, tiny_model: bool = False) -> dict:
+    """A copy of ``recipe`` (a dict) at smoke size. ``tiny_model``: every model given by path (a local
+    folder, a GGUF file, a hub id) becomes the 2-layer built-in one too, with the world's tokenizer (CI has
+    no pretrained model); LoRA stays on, on every layer."""
     recipe = copy.deepcopy(recipe)
     for s in recipe["stages"]:
+        if tiny_model:
+            _tiny_models(s)
         model = s.get("model") or {}
         if model.get("path") == "builtin:tiny":
             s["model"] = {**model, "tiny": TINY}
         _shrink_stage(s, s["kind"], s.get("train") or {}, model)
     return recipe
+
+
+def _tiny_models(s: dict) -> None:
+    """Every model spec of stage ``s`` (a dict) that names a path: the built-in tiny model instead."""
+    holders = [s, s.get("reward") or {}]
+    for holder in holders:
+        for key in ("model", "reference", "value_model", "helpful", "safety"):
+            spec = holder.get(key)
+            if isinstance(spec, dict) and spec.get("path") and not str(spec["path"]).startswith("builtin:"):
+                lora = {k: v for k, v in (spec.get("lora") or {}).items() if k != "last_layers"}
+                holder[key] = {"path": "builtin:tiny", "tokenizer": "builtin:world", "tiny": TINY,
+                               **({"lora": lora} if spec.get("lora") else {})}
 
 
 def _shrink_stage(s: dict, kind: str, train: dict, model: dict) -> None:
@@ -28,6 +44,8 @@ def _shrink_stage(s: dict, kind: str, train: dict, model: dict) -> None:
         _shrink_supervised(s, kind, train, model)
     elif kind == "rejection_sampling":
         s.update(k=min(s.get("k", 4), 4), prompts={"builtin": "world", "builtin_size": 32}, min_pair_gap=0.0)
+        if s.get("best_of"):
+            s["best_of"] = sorted({min(n, s["k"]) for n in s["best_of"]})
         s["sampling"] = {**(s.get("sampling") or {}), "max_new_tokens": 16}
     elif kind == "gatt":
         s["dialogues"] = {**s["dialogues"], "builtin_size": 16}

@@ -164,6 +164,26 @@ class HFSource(Strict):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
 
 
+class ContinuationSource(Strict):
+    """Continuation prompts made from the human-written text of ``paths`` (the DPO paper's sentiment task;
+    :mod:`align.data.continuation`): the first words of each assistant message, in a user turn asking to
+    continue them. Conversations go whole to train or held-out, so no prefix is in both splits."""
+
+    split: Literal["train", "heldout"] = Field(..., description="which side of the split this stage reads")
+    heldout: int = Field(256, gt=0, description="prefixes held out (the same number gives the same split)")
+    min_words: int = Field(6, gt=0, description="shortest prefix, in words")
+    max_words: int = Field(12, gt=0, description="longest prefix, in words")
+    per_record: int = Field(2, gt=0, description="prefixes from one conversation at most")
+    sources: list[str] = Field(["human"], description="read rows whose 'source' contains one of these")
+    exclude: list[str] = Field(["gsm8k"], description="and none of these")
+
+    @model_validator(mode="after")
+    def _words(self):
+        if self.min_words > self.max_words:
+            raise ValueError("min_words is above max_words")
+        return self
+
+
 class DataSpec(Strict):
     """Where records come from: JSONL files (our schema or TRL's format), a built-in set, or a stage."""
 
@@ -184,6 +204,10 @@ class DataSpec(Strict):
     hf: HFSource | None = Field(
         None, description="records from Hugging Face datasets (after the built-in set, before the files): "
         "{path: ID_OR_FILE_OR_FOLDER, name:, split:, revision:}; every row validated as a JSONL row would be",
+    )
+    continuation: ContinuationSource | None = Field(
+        None, description="prompts only: read 'paths' as human-written chats and make continuation prompts of "
+        "them: {split: train|heldout, heldout: 256, min_words: 6, max_words: 12, per_record: 2}",
     )
     limit: int | None = Field(None, gt=0, description="read at most this many records (the first ones)")
     sample: int | None = Field(
@@ -220,6 +244,9 @@ class DataSpec(Strict):
             return self._mix_checks(refs)
         if self.builtin is None and self.hf is None and not self.paths and not refs:
             raise ValueError("give 'paths', 'from', 'builtin', 'hf' or 'mix'")
+        if self.continuation is not None and (refs or self.builtin is not None or self.hf is not None
+                                              or not self.paths):
+            raise ValueError("'continuation' makes prompts of the chats in 'paths': give 'paths' and no other source")
         if _only_previous_round(refs) and not self.paths and self.builtin is None and self.hf is None:
             raise ValueError(
                 "'from' names only previous-round stages, which round 1 does not have: add 'paths' or a "
@@ -229,7 +256,7 @@ class DataSpec(Strict):
 
 
     def _mix_checks(self, refs: list[str]):
-        if self.paths or refs or self.builtin is not None or self.hf is not None:
+        if self.paths or refs or self.builtin is not None or self.hf is not None or self.continuation:
             raise ValueError("give 'mix' alone: its parts name the files, hf sources and built-in sets")
         for k, part in enumerate(self.mix):
             if part.weight is None:

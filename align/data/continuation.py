@@ -70,13 +70,29 @@ def prompt_records(prefixes: Sequence[str], split: str) -> list[PromptRecord]:
             for p in prefixes]
 
 
-def write_continuations(paths: Sequence[str], out: Path, *, sources=("human",), exclude=("gsm8k",), min_words=6,
-                        max_words=12, per_record=2, heldout=256) -> dict[str, int]:
-    """Read every file, split, write the two files into ``out`` -> counts."""
+def split_prefixes(paths: Sequence[str], *, sources=("human",), exclude=("gsm8k",), min_words=6, max_words=12,
+                   per_record=2, heldout=256) -> tuple[list[list[str]], list[str], list[str]]:
+    """Read every file -> (prefix groups, one per conversation; train prefixes; held-out prefixes)."""
     groups = []
     for path in paths:
         groups += record_prefixes(read_jsonl(path, "sft"), sources, exclude, min_words, max_words, per_record)
-    train, held = split_records(groups, heldout)
+    return groups, *split_records(groups, heldout)
+
+
+def continuation_prompts(paths: Sequence[str], source) -> list[PromptRecord]:
+    """One side of the split (``source``: an :class:`align.config.specs.ContinuationSource`) as prompt
+    records: what ``prompts: {paths: [...], continuation: {split: heldout}}`` reads."""
+    _, train, held = split_prefixes(paths, sources=source.sources, exclude=source.exclude,
+                                    min_words=source.min_words, max_words=source.max_words,
+                                    per_record=source.per_record, heldout=source.heldout)
+    return prompt_records(held if source.split == "heldout" else train, source.split)
+
+
+def write_continuations(paths: Sequence[str], out: Path, *, sources=("human",), exclude=("gsm8k",), min_words=6,
+                        max_words=12, per_record=2, heldout=256) -> dict[str, int]:
+    """Read every file, split, write the two files into ``out`` -> counts."""
+    groups, train, held = split_prefixes(paths, sources=sources, exclude=exclude, min_words=min_words,
+                                         max_words=max_words, per_record=per_record, heldout=heldout)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "continuation.train.jsonl", prompt_records(train, "train"))
     write_jsonl(out / "continuation.heldout.jsonl", prompt_records(held, "heldout"))

@@ -35,6 +35,12 @@ def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: i
         print("data mix: " + "; ".join(f"{describe_sources(part, part.paths)}: {c} records (of {len(r)})"
                                        for part, c, r in zip(spec.mix, counts, parts, strict=True)))
         return records
+    if spec.continuation is not None:
+        if kind != "prompt":
+            raise StageInputError(f"data.continuation makes prompts, not the {what} records this stage reads")
+        from align.data.continuation import continuation_prompts
+
+        return continuation_prompts(paths, spec.continuation)
     records = builtin_records(table, spec, seed, what) if spec.builtin is not None else []
     if spec.hf is not None:
         from data_schemas.hf_io import read_hf

@@ -28,6 +28,7 @@ from align.generation import make_generator, policy_generator
 from align.io_atomic import append_line, read_json_lines
 from align.models.reward_fn import build_reward, score_and_count
 from align.runtime import StageContext, StageInputError, StageResult
+from align.stages.best_of_n import best_of_n_metrics
 from align.stages.reward_agreement import pair_agreement
 from data_schemas import Message, PreferenceRecord, ScoredSample, SFTRecord, read_jsonl, write_jsonl
 
@@ -178,6 +179,10 @@ def run(stage: RejectionSamplingStage, ctx: StageContext) -> StageResult:
         metrics["samples_per_s"] = generated / max(gen_seconds, 1e-9)  # this process, this run
     metrics.update(evaluate_samples(evaluators, [p.prompt for p in prompts], samples.texts, kept.answers))
     metrics.update(reward_accuracy(stage, ctx, prompts, samples.candidates, scores, evaluators))
+    if stage.best_of:
+        score_maps = [dict(zip(c, s, strict=True)) for c, s in zip(samples.candidates, scores, strict=True)]
+        metrics.update(best_of_n_metrics(evaluators, [p.prompt for p in prompts], samples.texts, score_maps,
+                                         stage.best_of))
     return StageResult(metrics=metrics)
 
 

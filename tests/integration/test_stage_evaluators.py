@@ -75,3 +75,23 @@ def test_rejection_sampling_scores_its_reward_and_a_compared_one_against_the_jud
     assert m["length_compare_reward_pairs"] == m["length_reward_pairs"]
     [bare] = run_in_one_process(rs_recipe([]), tmp_path / "bare")
     assert not any("reward_accuracy" in k for k in bare["metrics"])
+
+
+def test_rejection_sampling_reports_best_of_n_for_each_n(tmp_path):
+    data = rs_recipe([JUDGE])
+    data["stages"][0].update(reward={"function": "tests.user_evaluators:LENGTH_REWARD"}, best_of=[1, 2, 3])
+    [result] = run_in_one_process(data, tmp_path / "bon")
+    m = result["metrics"]
+    by_prompt: dict[str, list[int]] = {}
+    for s in rows(result["artifacts"]["samples"]):  # candidates in the order drawn
+        by_prompt.setdefault(json.dumps(s["prompt"]), []).append(len(s["response"]["content"]))
+    for n in (1, 2, 3):  # the reward is the length: the longest of the first n, judged by its length
+        expected = sum(max(lengths[:n]) for lengths in by_prompt.values()) / len(by_prompt)
+        assert m[f"best_of_{n}/length_mean"] == pytest.approx(expected)
+        assert m[f"best_of_{n}/prompts"] == len(by_prompt)
+    assert m["best_of_1/kl"] == 0.0 and m["best_of_3/kl"] == pytest.approx(1.0986 - 2 / 3, abs=1e-4)
+    assert m["best_of_3/length_mean"] == pytest.approx(m["length_best_mean"])
+    assert m["best_of_1/length_mean"] == pytest.approx(m["length_first_mean"])
+    assert m["best_of_2/length_mean"] > m["best_of_1/length_mean"]  # 6 prompts: some second sample is longer
+    [bare] = run_in_one_process(rs_recipe([JUDGE]), tmp_path / "bare")
+    assert not any(k.startswith("best_of_") for k in bare["metrics"])

@@ -69,3 +69,17 @@ def test_llama_round_notebook_plots_a_round_from_its_report(tmp_path):
     assert {r["round"] for r in rounds} == {1, 2}  # and two tiny rounds of V1-V5 for the by-round plot
     text = "".join(str(out.get("data", {}).get("text/plain", "")) for cell in nb.cells for out in cell.get("outputs", []))
     assert "significantly better" in text  # the Table 8 style table
+
+
+def test_real_model_sentiment_notebook_runs_every_method_and_draws_reward_against_kl(tmp_path):
+    pytest.importorskip("vaderSentiment", reason="the sentiment judge needs vaderSentiment (the sentiment extra)")
+    nb = execute("real_model_sentiment.ipynb", tmp_path)
+    assert errors(nb) == []
+    assert images(nb) >= 1
+    assert (tmp_path / "real_model_sentiment_frontier.png").stat().st_size > 10_000
+    text = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    for method in ("DPO", "PPO-GT", "PPO-RM"):
+        assert f"seed 0 {method:7s} best" in text  # the numbers the conclusion is written from
+    tables = "".join(out.get("data", {}).get("text/plain", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert "best-of-N" in tables and "PPO-RM" in tables  # rows of the checkpoint table
+    assert (tmp_path / "smollm2_sentiment_s0" / "report.json").is_file()

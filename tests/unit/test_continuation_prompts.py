@@ -73,3 +73,42 @@ def test_shared_human_text_gives_256_held_out_prompts(tmp_path, shared_data):
     held = {r.prompt[0].content for r in read_jsonl(tmp_path / "continuation.heldout.jsonl", "prompt")}
     train = {r.prompt[0].content for r in read_jsonl(tmp_path / "continuation.train.jsonl", "prompt")}
     assert not held & train
+
+
+def test_a_prompt_source_makes_them_in_a_recipe(tmp_path):
+    """``prompts: {paths: [...], continuation: {split: ...}}``: the two splits, disjoint, the held-out size asked
+    for; without ``continuation`` the same files are read as they are."""
+    from align.config.specs import DataSpec
+    from align.data.sources import load_prompts
+
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(row(i)) for i in range(40)) + "\n")
+    spec = {"paths": [str(data)], "continuation": {"split": "heldout", "heldout": 10}}
+    held = load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0)
+    spec["continuation"]["split"] = "train"
+    train = load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0)
+    texts = [{r.prompt[0].content for r in rs} for rs in (held, train)]
+    assert len(held) >= 10 and len(held) + len(train) == 80 and not texts[0] & texts[1]
+    assert all(t.startswith(INSTRUCTION) for t in texts[0] | texts[1])
+    spec["continuation"].update(min_words=3, max_words=3)
+    assert all(len(r.prompt[0].content.removeprefix(INSTRUCTION).split()) == 3
+               for r in load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0))
+    plain = load_prompts(DataSpec.model_validate({"paths": [str(data)]}), [str(data)], seed=0)
+    assert not any(r.prompt[-1].content.startswith(INSTRUCTION) for r in plain)
+
+
+def test_a_continuation_source_is_checked_before_any_work(tmp_path, capsys):
+    from align.config.specs import DataSpec
+
+    with pytest.raises(ValueError, match="give 'paths' and no other source"):
+        DataSpec.model_validate({"builtin": "world", "continuation": {"split": "train"}})
+    with pytest.raises(ValueError, match="min_words is above max_words"):
+        DataSpec.model_validate({"paths": ["x"], "continuation": {"split": "train", "min_words": 9, "max_words": 8}})
+    data = tmp_path / "chats.jsonl"
+    data.write_text("\n".join(json.dumps(row(i)) for i in range(20)) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(json.dumps({"name": "t", "stages": [{
+        "name": "sft", "kind": "sft", "model": {"path": "builtin:tiny"},
+        "data": {"paths": [str(data)], "continuation": {"split": "train"}}}]}))
+    assert main(["validate", str(recipe)]) != 0
+    assert "stages[sft].data.continuation: makes prompts" in capsys.readouterr().err

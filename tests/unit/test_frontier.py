@@ -98,3 +98,48 @@ def test_change_from_start_pairs_each_seed_with_its_own_start(tmp_path):
     assert all(r["gold_helpfulness"] == 0 for r in changed if r["method"] == "start")
     with pytest.raises(ValueError, match="no start row"):
         change_from_start([r for r in checkpoint_rows(runs) if r["method"] != "start"])
+
+
+def test_method_labels_follow_what_rewards_the_run():
+    from eval.frontier import method_of
+
+    stages = {"pairs": {"reward": {"function": "sentiment"}}, "pairs_rm": {"reward": {"model": {"from": "rm"}}}}
+    assert method_of({"kind": "ppo", "reward": {"function": "sentiment"}}, stages) == "PPO (sentiment)"
+    assert method_of({"kind": "ppo", "reward": {"model": {"from": "rm"}}}, stages) == "PPO (RM)"
+    assert method_of({"kind": "ppo", "reward": {"helpful": {}, "safety": {}}}, stages) == "PPO (RMs)"
+    assert method_of({"kind": "dpo", "data": {"from": "pairs"}}, stages) == "DPO (sentiment pairs)"
+    assert method_of({"kind": "dpo", "data": {"from": "pairs_rm"}}, stages) == "DPO (RM pairs)"
+
+
+def test_best_of_n_rows_and_their_own_start(tmp_path):
+    from eval.frontier import BEST_OF_N, best_of_n_rows, stage_seconds
+
+    run = tmp_path / "run"
+    stages = [{"name": "eval_start", "kind": "evaluate", "model": {"from": "x"}, "reference": {"from": "x"}},
+              {"name": "bon", "kind": "rejection_sampling", "best_of": [1, 4]},
+              {"name": "pairs", "kind": "rejection_sampling"}]
+    (run / "round_1" / "bon").mkdir(parents=True)
+    (run / "resolved.yaml").write_text(yaml.safe_dump({"seed": 3, "stages": stages}))
+    (run / "round_1" / "bon" / "result.json").write_text(json.dumps({"seconds": 90.0, "metrics": {
+        "best_of_1/kl": 0.0, "best_of_1/sentiment": 0.2, "best_of_4/kl": 0.636, "best_of_4/sentiment": 0.7,
+        "best_of_4/word_repeat_rate": 0.0}}))
+    rows = best_of_n_rows([run])
+    assert [(r["method"], r["value"], r["kl"], r["sentiment"]) for r in rows] == [
+        (BEST_OF_N, 1.0, 0.0, 0.2), (BEST_OF_N, 4.0, 0.636, 0.7)]
+    start = {"seed": 3, "method": "start", "value": None, "sentiment": 0.3}
+    changed = change_from_start([start, *rows])
+    assert [r["sentiment"] for r in changed[1:]] == pytest.approx([0.0, 0.5])  # from N = 1, not the other start
+    assert stage_seconds([run]) == [{"seed": 3, "stage": "bon", "kind": "rejection_sampling", "minutes": 1.5}]
+
+
+def test_fronts_compared_at_equal_kl_by_hand():
+    from eval.frontier import compare_fronts, front_at
+
+    front = [(0.5, 0.3), (2.0, 0.6)]
+    assert front_at(front, 0.4) is None and front_at(front, 1.0) == 0.3 and front_at(front, 5.0) == 0.6
+    summary = [{"method": "A", "kl": 0.5, "s": 0.3}, {"method": "A", "kl": 2.0, "s": 0.6},
+               {"method": "B", "kl": 1.0, "s": 0.2}, {"method": "B", "kl": 8.0, "s": 0.9}]
+    out = compare_fronts(summary, "s", "A", "B", points=2)  # both reach KL 1.0 .. 2.0
+    assert [c["kl"] for c in out] == pytest.approx([1.0, 2.0])
+    assert [c["difference"] for c in out] == pytest.approx([0.1, 0.4])  # 0.3 - 0.2, 0.6 - 0.2
+    assert compare_fronts(summary[:2] + [{"method": "B", "kl": 3.0, "s": 0.1}], "s", "A", "B") == []
