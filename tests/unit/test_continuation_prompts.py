@@ -93,6 +93,11 @@ def test_a_prompt_source_makes_them_in_a_recipe(tmp_path):
     spec["continuation"].update(min_words=3, max_words=3)
     assert all(len(r.prompt[0].content.removeprefix(INSTRUCTION).split()) == 3
                for r in load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0))
+    spec["continuation"].update(per_record=1, heldout=5)
+    assert len(load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0)) == 40 - 5  # one per chat
+    spec["continuation"].update(sources=["Wikipedia"])
+    with pytest.raises(ValueError, match="only 0 prefixes"):  # no row's source has it
+        load_prompts(DataSpec.model_validate(spec), [str(data)], seed=0)
     plain = load_prompts(DataSpec.model_validate({"paths": [str(data)]}), [str(data)], seed=0)
     assert not any(r.prompt[-1].content.startswith(INSTRUCTION) for r in plain)
 
