@@ -51,6 +51,10 @@ HEADLINE = [
     ("RS: its reward's pair accuracy on its samples", "gold_reward_accuracy"),
     ("RS: last round's reward on them", "gold_compare_reward_accuracy"),
     ("task accuracy over the dialogue", "retention/task_mean"),
+    ("judge score (VADER sentiment)", "sentiment"),
+    ("RS judge score of kept samples", "sentiment_best_mean"),
+    ("answers repeating a word 3x", "word_repeat_rate"),
+    ("distinct-2", "distinct_2"),
 ]
 SEED_SUFFIX = re.compile(r"_(s|seed)\d+$")
 
