@@ -53,7 +53,8 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
     model, tokenizer = _load(spec, policy_path, seed)
     generator = make_generator("hf", model=model, tokenizer=tokenizer) if backend == "hf" \
         else make_generator("vllm", policy_path, tokenizer=tokenizer)
-    responses = [s[0].text for s in generator.sample(convs, 1, sampling)]
+    samples = [s[0] for s in generator.sample(convs, 1, sampling)]
+    responses, finished = [s.text for s in samples], [s.finish_reason == "stop" for s in samples]
     metrics: dict[str, float] = {}
     # step 2: the evaluators
     metrics.update(evaluate_all(evaluators, convs, responses))
@@ -68,7 +69,7 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
     # step 3: KL to the reference
     if reference_path is not None:
         ref_model, _ = _load(reference_spec or ModelSpec(path=reference_path), reference_path, seed)
-        metrics["kl_to_reference"] = kl_to_reference(model, ref_model, tokenizer, convs, responses)
+        metrics["kl_to_reference"] = kl_to_reference(model, ref_model, tokenizer, convs, responses, finished)
         del ref_model
     del model, generator
     # step 4: reward models

@@ -89,11 +89,12 @@ def models():
 
 
 @torch.no_grad()
-def brute_force_kl(policy, reference, tokenizer, prompt, response) -> float:
+def brute_force_kl(policy, reference, tokenizer, prompt, response, finished: bool = True) -> float:
     """One unpadded forward per response token on its own prefix, KL summed in float64 by a Python loop."""
     ids = tokenize_prompt(tokenizer, prompt)
     start = len(ids)
-    ids = ids + list(tokenizer(response, add_special_tokens=False)["input_ids"]) + [termination_token_id(tokenizer)]
+    ids = ids + list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    ids += [termination_token_id(tokenizer)] if finished else []
     total = 0.0
     for t in range(start, len(ids)):
         prefix = torch.tensor([ids[:t]])
@@ -109,6 +110,16 @@ def test_kl_to_reference_matches_a_brute_force_loop(models):
     assert min(want) > 1e-3  # the heads differ enough to measure
     got = kl_to_reference(policy, reference, tokenizer, PROMPTS, RESPONSES)
     assert got == pytest.approx(sum(want) / len(want), rel=1e-4)
+
+
+def test_an_answer_cut_at_the_length_limit_has_no_termination_position(models):
+    policy, reference, tokenizer = models
+    finished = [i % 2 == 0 for i in range(len(RESPONSES))]
+    want = [brute_force_kl(policy, reference, tokenizer, p, r, f)
+            for p, r, f in zip(PROMPTS, RESPONSES, finished, strict=True)]
+    got = kl_to_reference(policy, reference, tokenizer, PROMPTS, RESPONSES, finished)
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert got != pytest.approx(kl_to_reference(policy, reference, tokenizer, PROMPTS, RESPONSES), rel=1e-4)
 
 
 def test_response_vocab_logps_rows_are_distributions_over_the_response_tokens(models):
