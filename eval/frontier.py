@@ -208,15 +208,14 @@ def front_at(front: Sequence[tuple[float, float]], kl: float) -> float | None:
 
 
 def compare_fronts(summary: Sequence[dict], metric: str, a: str, b: str, points: int = 4) -> list[dict]:
-    """Method ``a``'s front minus method ``b``'s at ``points`` KL values spread (log-evenly) over the KL range
-    both methods reach (rows of :func:`summarise`): {kl, a, b, difference}; [] when the ranges do not meet."""
+    """Method ``a``'s best ``metric`` within a KL budget minus method ``b``'s (:func:`front_at` of each front,
+    rows of :func:`summarise`), at ``points`` budgets spread log-evenly from the first KL both reach to the
+    largest either reaches: {kl, a, b, difference}; [] when a method has no point."""
     fronts = {m: pareto_front([(s["kl"], s[metric]) for s in summary if s["method"] == m]) for m in (a, b)}
     if not fronts[a] or not fronts[b]:
         return []
     lo = max(fronts[a][0][0], fronts[b][0][0], 1e-3)
-    hi = min(max(x for x, _ in fronts[a]), max(x for x, _ in fronts[b]))
-    if hi < lo:
-        return []
+    hi = max(lo, *(x for x, _ in fronts[a] + fronts[b]))
     kls = [lo * (hi / lo) ** (i / max(points - 1, 1)) for i in range(points)]
     out = []
     for kl in kls:

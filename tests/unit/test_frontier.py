@@ -139,7 +139,7 @@ def test_fronts_compared_at_equal_kl_by_hand():
     assert front_at(front, 0.4) is None and front_at(front, 1.0) == 0.3 and front_at(front, 5.0) == 0.6
     summary = [{"method": "A", "kl": 0.5, "s": 0.3}, {"method": "A", "kl": 2.0, "s": 0.6},
                {"method": "B", "kl": 1.0, "s": 0.2}, {"method": "B", "kl": 8.0, "s": 0.9}]
-    out = compare_fronts(summary, "s", "A", "B", points=2)  # both reach KL 1.0 .. 2.0
-    assert [c["kl"] for c in out] == pytest.approx([1.0, 2.0])
-    assert [c["difference"] for c in out] == pytest.approx([0.1, 0.4])  # 0.3 - 0.2, 0.6 - 0.2
-    assert compare_fronts(summary[:2] + [{"method": "B", "kl": 3.0, "s": 0.1}], "s", "A", "B") == []
+    out = compare_fronts(summary, "s", "A", "B", points=3)  # budgets from 1.0 (both reach it) to 8.0
+    assert [c["kl"] for c in out] == pytest.approx([1.0, 8 ** 0.5, 8.0])
+    assert [c["difference"] for c in out] == pytest.approx([0.1, 0.4, -0.3])  # .3 - .2, .6 - .2, .6 - .9
+    assert compare_fronts(summary[:2], "s", "A", "B") == []  # B has no point
