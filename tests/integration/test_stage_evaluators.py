@@ -43,6 +43,7 @@ def test_rejection_sampling_reports_its_evaluators(tmp_path):
     assert m["length_best_mean"] == m["answer_chars"]
     [bare] = run_in_one_process(rs_recipe([]), tmp_path / "without")
     assert not (GOLD | LENGTH | {"answer_chars"}) & set(bare["metrics"])
+    assert not any(k.startswith("best_of_") for k in bare["metrics"])  # best_of not given: no best-of-N
 
 
 def eval_recipe(model: str, evaluators: list[str]) -> dict:
@@ -93,5 +94,3 @@ def test_rejection_sampling_reports_best_of_n_for_each_n(tmp_path):
     assert m["best_of_3/length_mean"] == pytest.approx(m["length_best_mean"])
     assert m["best_of_1/length_mean"] == pytest.approx(m["length_first_mean"])
     assert m["best_of_2/length_mean"] > m["best_of_1/length_mean"]  # 6 prompts: some second sample is longer
-    [bare] = run_in_one_process(rs_recipe([JUDGE]), tmp_path / "bare")
-    assert not any(k.startswith("best_of_") for k in bare["metrics"])

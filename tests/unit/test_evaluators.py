@@ -44,7 +44,8 @@ def test_world_imports_alone(tmp_path):
 
 
 def test_the_world_gives_its_seams_by_name():
-    assert plugins.names("evaluator") == ["sentiment", "world"] and plugins.names("reward") == ["gold", "sentiment"]
+    assert plugins.names("evaluator") == ["diversity", "sentiment", "world"]
+    assert plugins.names("reward") == ["gold", "sentiment"]
     assert plugins.names("sft") == ["world", "world_chat", "world_dialogues"]
     assert plugins.names("preferences") == ["world", "world_helpful", "world_safety"]
     assert plugins.names("prompts") == ["world", "world_eval"] and plugins.names("tokenizer") == ["world"]
@@ -98,7 +99,7 @@ def test_turns_use_an_evaluators_turns_else_the_evaluator():
 
 def test_an_unknown_evaluator_is_one_validation_error():
     assert problems(["rs.evaluators=[wrld]"]) == [
-        "stages[rs].evaluators: unknown evaluator 'wrld' (did you mean 'world'?); known: sentiment, world or a dotted "
+        "stages[rs].evaluators: unknown evaluator 'wrld' (did you mean 'world'?); known: diversity, sentiment, world or a dotted "
         "path 'package.module:name'"]
     assert problems(["eval_sft.evaluators=[world, nopkg.judges:judge]"]) == [
         "stages[eval_sft].evaluators: no module 'nopkg.judges' (of 'nopkg.judges:judge') can be imported"]
