@@ -23,15 +23,24 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w\-.]*(/[\w\-.]+)?$")
 
 
 def check_data_file(where: str, path: str, kind: str, skip_bad: bool) -> list[str]:
-    """Every row of ``path`` as a ``kind`` record ('sft', 'preference', 'prompt')."""
+    """Every row of ``path`` as a ``kind`` record ('sft', 'preference', 'prompt'). A file is read once per
+    process for each kind while its size and modification time stay the same (a recipe often names one file
+    in several stages)."""
+    stat = Path(path).stat()
+    problem = _file_problem(str(Path(path).resolve()), path, kind, skip_bad, stat.st_size, stat.st_mtime_ns)
+    return [f"{where}: {problem}"] if problem else []
+
+
+@functools.lru_cache(maxsize=256)
+def _file_problem(resolved: str, path: str, kind: str, skip_bad: bool, size: int, mtime_ns: int) -> str | None:
     try:
         rows = read_jsonl(path, kind, skip_bad=skip_bad)
     except DataError as err:
-        return [f"{where}: {err}"]
+        return str(err)
     if not rows:
         why = f"all {rows.skipped} rows are bad (first: {rows.errors[0]})" if rows.skipped else "it is empty"
-        return [f"{where}: {path} has no {kind} records: {why}"]
-    return []
+        return f"{path} has no {kind} records: {why}"
+    return None
 
 
 def safetensors_problem(path: Path) -> str | None:
