@@ -164,10 +164,12 @@ class PairBatch(MovesToDevice):
 
 def collate_pairs(
     examples: Sequence[PreferenceExample], pad_id: int, dtype=torch.float32,
-    ref_logps: Sequence[Sequence[float]] | None = None,
+    ref_logps: Sequence[Sequence[float]] | None = None, trunks: Sequence[torch.Tensor] | None = None,
 ) -> PairBatch:
-    """Shared-prompt rows for ``examples``; ``ref_logps[i]`` holds example i's per-response reference sums."""
-    tokens = collate_shared([build_row(ex.prompt_ids, ex.responses) for ex in examples], pad_id, dtype)
+    """Shared-prompt rows for ``examples``; ``ref_logps[i]`` holds example i's per-response reference sums;
+    ``trunks[i]`` its hidden states after the frozen lower layers (``collate_shared``)."""
+    tokens = collate_shared([build_row(ex.prompt_ids, ex.responses) for ex in examples], pad_id, dtype,
+                            trunks=trunks)
     dpo_mask, chosen, rejected, base = [], [], [], 0
     for ex in examples:
         for mask in ex.dpo_masks:

@@ -65,9 +65,13 @@ class SharedPromptBatch:
     last_index: torch.Tensor  # (R,) flat position of each response's last token
     responses_per_row: list[int]  # per record (prompt), in the order given, packed or not
     num_tokens: int
+    # (B, T, H) the records' hidden states after the frozen lower decoder layers (align.models.trunk),
+    # placed like their tokens; the model then runs only the layers above. None: the whole model runs
+    trunk: torch.Tensor | None = None
 
     def model_inputs(self) -> tuple:
-        return self.input_ids, self.position_ids, self.attention_mask, self.index, self.targets
+        inputs = (self.input_ids, self.position_ids, self.attention_mask, self.index, self.targets)
+        return inputs if self.trunk is None else (*inputs, self.trunk)
 
 
 def block_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype,
@@ -86,10 +90,9 @@ def block_mask(segments: torch.Tensor, valid: torch.Tensor, dtype: torch.dtype,
     return mask.unsqueeze(1)
 
 
-def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.float32,
-                   pack: bool = True) -> SharedPromptBatch:
-    """The batch of ``rows`` (one record each); ``pack``: several records per tensor row (module docstring),
-    else one record per tensor row."""
+def layout(rows: Sequence[SharedPromptRow], pack: bool = True) -> tuple[int, list[list[int]], dict]:
+    """Where :func:`collate_shared` puts each record: (width, bins (records per tensor row),
+    place {record: (tensor row, offset)})."""
     width = max(len(r.input_ids) for r in rows)
     bins = pack_first_fit([len(r.input_ids) for r in rows], width) if pack else [[i] for i in range(len(rows))]
     place = {}
@@ -98,6 +101,21 @@ def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.flo
         for i in members:
             place[i] = (b, offset)
             offset += len(rows[i].input_ids)
+    return width, bins, place
+
+
+def record_states(states: torch.Tensor, rows: Sequence[SharedPromptRow], pack: bool = True) -> list[torch.Tensor]:
+    """(B, T, H) per-position states of the batch of ``rows`` -> per record, (its length, H) (a copy)."""
+    _, _, place = layout(rows, pack)
+    return [states[place[i][0], place[i][1] : place[i][1] + len(r.input_ids)].clone() for i, r in enumerate(rows)]
+
+
+def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.float32,
+                   pack: bool = True, trunks: Sequence[torch.Tensor] | None = None) -> SharedPromptBatch:
+    """The batch of ``rows`` (one record each); ``pack``: several records per tensor row (module docstring),
+    else one record per tensor row. ``trunks``: per record, (its length, H) hidden states after the frozen
+    lower layers (:func:`record_states` of a pass over them), placed like the tokens in ``batch.trunk``."""
+    width, bins, place = layout(rows, pack)
     ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     positions = torch.zeros((len(bins), width), dtype=torch.long)
     segments = torch.full((len(bins), width), -2, dtype=torch.long)
@@ -133,4 +151,13 @@ def collate_shared(rows: Sequence[SharedPromptRow], pad_id: int, dtype=torch.flo
         last_index=torch.tensor(last, dtype=torch.long),
         responses_per_row=[len(r.spans) for r in rows],
         num_tokens=int(valid.sum()),
+        trunk=None if trunks is None else _placed(trunks, place, len(bins), width),
     )
+
+
+def _placed(trunks: Sequence[torch.Tensor], place: dict, n_rows: int, width: int) -> torch.Tensor:
+    out = trunks[0].new_zeros((n_rows, width, trunks[0].shape[-1]))
+    for i, t in enumerate(trunks):
+        b, o = place[i]
+        out[b, o : o + t.shape[0]] = t
+    return out

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from align.models.last_layer import hidden_at
+from align.models.trunk import hidden_from
 
 
 def decoder_and_head(lm: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -63,12 +63,15 @@ class TokenLogps(nn.Module):
 
     prune_last_layer = True  # the last decoder layer at the scored positions only (align.models.last_layer)
 
-    def __init__(self, lm: nn.Module):
+    def __init__(self, lm: nn.Module, trunk_layers: int = 0):
         super().__init__()
         self.lm = lm
+        self.trunk_layers = trunk_layers  # what a ``trunk`` argument holds: the states after these layers
 
-    def forward(self, input_ids, position_ids, attention_mask, index, targets):
+    def forward(self, input_ids, position_ids, attention_mask, index, targets, trunk=None):
+        """``trunk``: (B, T, H) the hidden states after the first ``trunk_layers`` (frozen) decoder layers
+        (:mod:`align.models.trunk`): only the layers above them run."""
         decoder, head = decoder_and_head(self.lm)
-        selected = hidden_at(decoder, index, prune=self.prune_last_layer, input_ids=input_ids,
-                             position_ids=position_ids, attention_mask=attention_mask)  # (N, H)
-        return selected_token_logps(head(selected), targets)
+        selected = hidden_from(decoder, index, trunk, self.trunk_layers, prune=self.prune_last_layer,
+                               input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        return selected_token_logps(head(selected), targets)  # (N,)

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from align.models.inference import causal_only
-from align.models.last_layer import hidden_at
 from align.models.logps import decoder_and_head
 from align.models.reward import backbone_and_head
+from align.models.trunk import hidden_from
 
 
 class PolicyAndValue(nn.Module):
@@ -25,8 +25,12 @@ class PolicyAndValue(nn.Module):
     def __init__(self, policy: nn.Module, value_model: nn.Module):
         super().__init__()
         self.policy, self.value_model = policy, value_model
+        self.trunk_layers = 0  # lower decoder layers both share frozen, run once per rollout (PPO sets it)
 
-    def forward(self, input_ids, attention_mask, response_mask=None):
+    def forward(self, input_ids, attention_mask, response_mask=None, trunk=None):
+        """``trunk``: (B, T, H) the hidden states after the first ``trunk_layers`` decoder layers, which
+        policy and value model share frozen (:mod:`align.models.trunk`): only the layers above them run
+        (with ``response_mask`` only)."""
         attention_mask = causal_only(attention_mask)  # right-padded rollouts: the causal kernel, no mask
         value_decoder, value_head = backbone_and_head(self.value_model)
         if response_mask is None:
@@ -38,8 +42,9 @@ class PolicyAndValue(nn.Module):
         rows, cols = response_mask.nonzero(as_tuple=True)  # response tokens; position cols - 1 predicts each
         index = rows * input_ids.shape[1] + cols - 1
         decoder, head = decoder_and_head(self.policy)
-        logits = head(hidden_at(decoder, index, input_ids=input_ids, attention_mask=attention_mask)).float()
-        v = value_head(hidden_at(value_decoder, index, input_ids=input_ids, attention_mask=attention_mask))
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        logits = head(hidden_from(decoder, index, trunk, self.trunk_layers, **inputs)).float()
+        v = value_head(hidden_from(value_decoder, index, trunk, self.trunk_layers, **inputs))
         values = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
         return logits, values.index_put((rows, cols), v.squeeze(-1).float())
 

@@ -31,6 +31,9 @@ class Rollout:
     rewards: torch.Tensor | None = None  # (B, T) per-token rewards, 0 off the response
     advantages: torch.Tensor | None = None  # (B, T) (whitened or not: the stage's choice)
     returns: torch.Tensor | None = None  # (B, T) advantages + values before any whitening
+    # the hidden states after the decoder layers policy, value model and reference share frozen
+    # (align.models.trunk), so training steps run only the layers above them; None: the whole models run
+    trunk: torch.Tensor | None = None  # (B, T, H)
 
     def __len__(self) -> int:
         return self.sequences.size(0)
@@ -54,7 +57,7 @@ class Rollout:
         width = int(self.attention_mask.sum(dim=1).max()) if len(self) else 0
         if width >= self.sequences.size(1):
             return self
-        return self._map(lambda x: x[:, :width] if x.dim() == 2 else x)
+        return self._map(lambda x: x[:, :width] if x.dim() >= 2 else x)
 
     def minibatches(self, size: int, generator: torch.Generator | None = None) -> Iterator[Rollout]:
         """Rollouts of ``size`` rows (the last may be smaller) covering every row once: in a random order

@@ -67,7 +67,9 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
         metrics.update(evaluate_retention(generator, retention, model=model, tokenizer=tokenizer,
                                           batch_size=sampling.batch_size, out_dir=out_dir))
     # step 3: KL to the reference
-    if reference_path is not None:
+    if reference_path is not None and _same_model(policy_path, spec, reference_path, reference_spec):
+        metrics["kl_to_reference"] = 0.0  # the policy is its own reference (e.g. the start's own evaluation)
+    elif reference_path is not None:
         ref_model, _ = _load(reference_spec or ModelSpec(path=reference_path), reference_path, seed)
         metrics["kl_to_reference"] = kl_to_reference(model, ref_model, tokenizer, convs, responses, finished)
         del ref_model
@@ -82,6 +84,13 @@ def evaluate(policy_path: str, prompts: list[PromptRecord], *, spec: ModelSpec |
             metrics[f"reward/{name}"] = sum(scorer.score(convs, responses)) / max(len(convs), 1)
             del scorer
     return metrics, responses
+
+
+def _same_model(path: str, spec: ModelSpec, ref_path: str, ref_spec: ModelSpec | None) -> bool:
+    """Whether the reference loads the very weights the policy does (same files, same loading settings)."""
+    loaded = {"lora", "gradient_checkpointing"}  # evaluation loads both without an adapter to train
+    return ref_spec is not None and Path(path).expanduser().resolve() == Path(ref_path).expanduser().resolve() \
+        and spec.model_dump(exclude=loaded) == ref_spec.model_dump(exclude=loaded)
 
 
 def run(stage: EvaluationStage, ctx: StageContext) -> StageResult:

@@ -71,14 +71,15 @@ class DPO(Task):
                 f"stage '{stage.name}': no training pair left in {describe_sources(stage.data, paths)}: of "
                 f"{len(train_records)} training records, {train.dropped} have a prompt that fills max_length="
                 f"{cfg.max_length} and {train.identical_records} have identical chosen and rejected responses")
-        self.refs, self.ref_info = reference_logps(stage, ctx, lm, self.tokenizer,
-                                                   (train.examples, held_out.examples), self.accelerator)
+        reference = reference_logps(stage, ctx, lm, self.tokenizer, (train.examples, held_out.examples),
+                                    self.accelerator)
+        self.refs, self.trunks, self.ref_info = reference
         self.dtype, lengths = next(lm.parameters()).dtype, [len(e) for e in train.examples]
         self.source = planned(self.accelerator, cfg, shuffled_groups(lengths, cfg, ctx.seed), self._batcher(0))
         self.loss_fn = make_loss_fn(stage.beta, stage.nll_weight, stage.label_smoothing)
         self.scored = [length_sorted_groups(lengths[: stage.metrics_records], cfg.batch_size),
                        length_sorted_groups([len(e) for e in held_out.examples], cfg.batch_size)]
-        return Built(TokenLogps(lm), self.source, self.loss_fn, pair_count,
+        return Built(TokenLogps(lm, int(self.ref_info["trunk_layers"])), self.source, self.loss_fn, pair_count,
                      [Output("lm", ctx.output(Artifact.POLICY), self.tokenizer)], self._banner(),
                      notes + self.source.notes, policy="lm", tokenizer=self.tokenizer, log_before="start",
                      log_after="end")
@@ -88,12 +89,14 @@ class DPO(Task):
         return (f"{len(train.examples)} train / {len(held_out.examples)} eval records ({train.num_pairs} train "
                 f"pairs, {train.dropped + held_out.dropped} records dropped: prompt >= max_length, "
                 f"{train.truncated + held_out.truncated} responses cut at max_length={max_length}), "
-                f"{self.source.words}; reference log-probs {'from cache' if self.ref_info['ref_cache_hit'] else 'computed'}")
+                f"{self.source.words}; reference log-probs {'from cache' if self.ref_info['ref_cache_hit'] else 'computed'}"
+                + (f", {int(self.ref_info['trunk_layers'])} frozen lower layers run once" if self.trunks else ""))
 
     def _batcher(self, split: int):
         examples, refs, pad = self.data[split].examples, self.refs[split], self.tokenizer.pad_token_id
-        return lambda group: collate_pairs([examples[i] for i in group], pad, self.dtype,
-                                           [refs[i] for i in group]).to(self.accelerator.device)
+        trunks = self.trunks[split] if self.trunks else None  # the frozen lower layers' states: run once
+        return lambda group: collate_pairs([examples[i] for i in group], pad, self.dtype, [refs[i] for i in group],
+                                           [trunks[i] for i in group] if trunks else None).to(self.accelerator.device)
 
     def evaluate(self) -> dict[str, float]:
         out = {}

@@ -23,6 +23,7 @@ from align.models.loading import count_parameters, load_causal_lm
 from align.models.policy_value import PolicyAndValue, response_logps
 from align.models.reward import load_reward_model, load_reward_tokenizer, whiten_value_head
 from align.models.reward_fn import build_reward
+from align.models.trunk import shared_layers
 from align.rl.rollout import Rollout
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.common import load_policy
@@ -38,7 +39,7 @@ def make_loss_fn(temperature: float, cliprange: float, cliprange_value: float, v
 
     def loss_fn(model, batch: Rollout):
         mask = batch.response_mask
-        logits, values = model(batch.sequences, batch.attention_mask, mask)  # logits (N, V) on the mask
+        logits, values = model(batch.sequences, batch.attention_mask, mask, trunk=batch.trunk)  # (N, V) on the mask
         logps = response_logps(logits, batch.sequences, mask, temperature)
         pg, pg_stats = policy_loss(logps, batch.logps, batch.advantages, mask, cliprange)
         vf, vf_stats = value_loss(values, batch.values, batch.returns, mask, cliprange_value)
@@ -76,6 +77,9 @@ class PPO(Task):
             raise StageInputError(f"stage '{stage.name}': {len(prompts)} prompts, fewer than rollout_batch_size "
                                   f"({stage.rollout_batch_size})")
         module = PolicyAndValue(lm, value_model)
+        if acc.num_processes == 1 and self._trunk_fits(lm):  # shared frozen lower layers: once per rollout
+            module.trunk_layers = shared_layers(lm, value_model, reference)
+        self.trunk_layers = module.trunk_layers
         options = {"gpu_memory_utilization": stage.vllm_gpu_memory} if stage.backend == "vllm" else {}
         self.sampler = TrainingPolicySampler(stage.backend, stage.model, policy_path, tokenizer, make=make_generator,
                                              **options)
@@ -85,9 +89,17 @@ class PPO(Task):
         outputs = [Output("value_model", Path(ctx.out_dir) / "value_model", value_tokenizer),
                    Output("policy", ctx.output(Artifact.POLICY), tokenizer)]
         banner = (f"{len(prompts)} prompts, {stage.iterations} iterations of {stage.rollout_batch_size} rollouts x "
-                  f"{stage.ppo_epochs} epochs (policy + value)")
+                  f"{stage.ppo_epochs} epochs (policy + value)"
+                  + (f"; {module.trunk_layers} shared frozen lower layers run once per rollout"
+                     if module.trunk_layers else ""))
         return Built(module, self.source, stage_loss(stage), response_tokens, outputs, banner, policy="policy",
                      tokenizer=tokenizer, loss_falls=False)  # a PPO loss need not fall: no max_loss_rise
+
+    def _trunk_fits(self, lm) -> bool:
+        """Whether a rollout's hidden states (kept for its training steps) stay under 1 GiB."""
+        stage, config = self.stage, lm.config
+        size = stage.rollout_batch_size * stage.train.max_length * config.hidden_size * lm.dtype.itemsize
+        return size <= 2**30
 
     def _value_model(self, vocabulary: int):
         """The value model (from ``value_model``, else the reward model, else the policy), its head on the
@@ -109,6 +121,7 @@ class PPO(Task):
 
     def result(self, summary, before, after) -> dict:
         out = {"iterations": self.stage.iterations, "parameters_trainable": self.trainable,
+               "trunk_layers": self.trunk_layers,  # lower layers run once per rollout (align.models.trunk)
                "kl_coef_final": self.source.kl_ctl.value}
         for name, values in (("first", summary.first), ("last", summary.last)):
             out.update({f"{k}_{name}": v for k, v in (values or {}).items() if k in HEADLINE})

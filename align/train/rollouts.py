@@ -13,6 +13,7 @@ does; the KL controller is this source's resume state.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import time
@@ -27,6 +28,7 @@ from align.models.last_layer import hidden_at
 from align.models.logps import decoder_and_head
 from align.models.policy_value import response_logps
 from align.models.reward_fn import score_and_count
+from align.models.trunk import from_layer, trunk_states
 from align.rl.advantages import advantages_of, masked_mean
 from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
@@ -182,29 +184,42 @@ def build_rollout(model, reference, samples, scores, kl_coef: float, stage, acce
     def padded(x):  # (b, w) -> (b, T) with zeros after w
         return torch.nn.functional.pad(x, (0, width - x.size(1)))
 
-    def policy_and_values(m, group):
+    k = accelerator.unwrap_model(model).trunk_layers  # lower layers all three models share frozen
+
+    def trunk(group):  # run once, for the three models and every training step
         sl, w = group
-        logits, values = m(sequences[sl, :w], attention_mask[sl, :w], response_mask[sl, :w])
+        return trunk_states(reference, k, input_ids=sequences[sl, :w],
+                            attention_mask=causal_only(attention_mask[sl, :w]))
+
+    def policy_and_values(m, group):
+        (sl, w), trunk = group
+        logits, values = m(sequences[sl, :w], attention_mask[sl, :w], response_mask[sl, :w], trunk=trunk)
         return padded(response_logps(logits, sequences[sl, :w], response_mask[sl, :w], temperature)), padded(values)
 
     def reference_logps(m, group):
-        (sl, w), ids, mask = group, sequences[group[0], : group[1]], response_mask[group[0], : group[1]]
+        (sl, w), trunk = group
+        ids, mask = sequences[sl, :w], response_mask[sl, :w]
         rows, cols = mask.nonzero(as_tuple=True)
         decoder, head = decoder_and_head(m)
-        hidden = hidden_at(decoder, rows * w + cols - 1, input_ids=ids, attention_mask=causal_only(attention_mask[sl, :w]))
+        inputs = {"input_ids": ids} if trunk is None else {"inputs_embeds": trunk}
+        with from_layer(decoder, k) if trunk is not None else contextlib.nullcontext():
+            hidden = hidden_at(decoder, rows * w + cols - 1, attention_mask=causal_only(attention_mask[sl, :w]),
+                               **inputs)
         return padded(response_logps(head(hidden).float(), ids, mask, temperature))
 
     with accelerator.autocast():
-        pv = [out for _, out in no_grad_map(model, groups, lambda g: g, policy_and_values)]
-        ref = [out for _, out in no_grad_map(reference, groups, lambda g: g, reference_logps)]
+        with_trunk = [(g, trunk(g) if k else None) for g in groups]
+        pv = [out for _, out in no_grad_map(model, with_trunk, lambda g: g, policy_and_values)]
+        ref = [out for _, out in no_grad_map(reference, with_trunk, lambda g: g, reference_logps)]
     logps = torch.cat([lp for lp, _ in pv]) * response_mask
     values = torch.cat([v for _, v in pv]) * response_mask
     ref_logps = torch.cat(ref) * response_mask
     rewards, kl, advantages, returns = advantages_of(
         scores, logps, ref_logps, values, response_mask, kl_coef=kl_coef, kl_estimator=stage.kl_estimator,
         gamma=stage.gamma, lam=stage.lam, whiten=stage.whiten_advantages, process_sum=sum_over_processes(accelerator))
+    trunk = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, width - t.size(1))) for _, t in with_trunk]) if k else None
     return Rollout(sequences, attention_mask, response_mask, logps, ref_logps, values, scores, rewards, advantages,
-                   returns), kl
+                   returns, trunk), kl
 
 
 def iteration_metrics(step_metrics, cur: _Iteration, kl_per_seq: float, kl_coef: float, acc) -> dict[str, float]:

@@ -145,3 +145,16 @@ def test_runs_on_shared_helpfulness_pairs(tmp_path, shared_data):
     assert m["steps"] == 3 and m["ref_forward_passes"] > 0
     assert m["mask_id_fallbacks"] == 0
     assert math.isfinite(m["train_loss_last"]) and math.isfinite(m["train_loss_first"])
+
+
+def test_lora_on_the_top_layer_runs_the_frozen_layer_once_and_a_beta_grid_reuses_it(tmp_path):
+    """LoRA on the last of 2 layers: the reference pass keeps the first layer's states (cached with the
+    reference log-probs), training runs only the top layer, and a second stage on the same data and start
+    (another beta) reads both from the cache."""
+    lora = {"path": "builtin:tiny", "tiny": TINY, "lora": {"r": 4, "alpha": 8, "last_layers": 1}}
+    out = run(tmp_path, [dpo_stage(model=lora), dpo_stage(name="dpo_b2", model=lora, beta=0.2)])
+    first, second = out["dpo"]["metrics"], out["dpo_b2"]["metrics"]
+    assert first["trunk_layers"] == 1.0 and first["ref_cache_hit"] == 0.0
+    assert second["trunk_layers"] == 1.0 and second["ref_cache_hit"] == 1.0
+    for m in (first, second):
+        assert m["train_pairs_dpo"] < m["train_pairs_dpo_start"]

@@ -135,3 +135,28 @@ def test_response_vocab_logps_rows_are_distributions_over_the_response_tokens(mo
 def test_kl_of_a_model_to_itself_is_exactly_zero(models):
     policy, _, tokenizer = models
     assert kl_to_reference(policy, policy, tokenizer, PROMPTS, RESPONSES) == 0.0
+
+
+@pytest.mark.parametrize(("differs_in", "shared"), [("head", 2), ("top_layer", 1), ("embeddings", 0)])
+def test_kl_runs_the_shared_lower_layers_once_and_matches_brute_force(models, differs_in, shared):
+    """A LoRA policy on the top layers shares the layers below with its reference: they run once for both
+    (align.models.trunk); the KL is the brute-force one whichever layers differ."""
+    from align.models.trunk import shared_layers
+
+    policy, _, tokenizer = models
+    reference = copy.deepcopy(policy)
+    with torch.no_grad():
+        if differs_in == "head":  # a new, untied head
+            head = reference.lm_head.weight
+            reference.lm_head.weight = torch.nn.Parameter(head + 0.3 * torch.randn_like(head))
+        else:
+            part = reference.model.layers[1].mlp.up_proj.weight if differs_in == "top_layer" else \
+                reference.model.embed_tokens.weight
+            part.add_(0.3 * torch.randn_like(part))
+    policy.requires_grad_(False)
+    reference.requires_grad_(False)
+    assert shared_layers(policy, reference) == shared
+    want = [brute_force_kl(policy, reference, tokenizer, p, r) for p, r in zip(PROMPTS, RESPONSES, strict=True)]
+    assert min(want) > 1e-4
+    got = kl_to_reference(policy, reference, tokenizer, PROMPTS, RESPONSES, batch_size=2)
+    assert got == pytest.approx(sum(want) / len(want), rel=1e-4)

@@ -103,19 +103,19 @@ def test_callable_key_parts_feed_the_hash_like_their_bytes():
 
 
 def test_dpo_key_is_unchanged():
-    """The key DPO wrote before the cache was split out (``align.train.reference.cache_key``, inlined)."""
+    """The key DPO writes, spelled out (version 2: the cached value holds the frozen layers' states too)."""
 
     class Ex:
         def __init__(self, prompt_ids, responses, dpo_masks):
             self.prompt_ids, self.responses, self.dpo_masks = prompt_ids, responses, dpo_masks
 
     splits = ([Ex([1, 2], [[3, 4], [5]], [[True, False], [True]])], [])
-    old = hashlib.sha256(b"dpo-ref-1;MODEL;amp=bf16")
+    old = hashlib.sha256(b"dpo-ref-2;MODEL;amp=bf16")
     for examples in splits:
         old.update(f"split:{len(examples)}".encode())
         examples_digest(examples, old)
     assert cache_key(key_parts("MODEL", "bf16", splits)) == old.hexdigest()[:24]
-    explicit = hashlib.sha256(b"dpo-ref-1;MODEL;amp=bf16split:1"
+    explicit = hashlib.sha256(b"dpo-ref-2;MODEL;amp=bf16split:1"
                               + repr(([1, 2], [[3, 4], [5]], [[True, False], [True]])).encode() + b"split:0")
     assert cache_key(key_parts("MODEL", "bf16", splits)) == explicit.hexdigest()[:24]
 
@@ -143,13 +143,13 @@ def save_model(folder, seed):
 
 def dpo_reference(folder, run_dir):
     """DPO's reference log-probs of EXAMPLES with the model saved in ``folder`` as the reference, cached in
-    ``run_dir/ref_cache``: -> (values, {"ref_cache_hit", "ref_forward_passes"})."""
+    ``run_dir/ref_cache``: -> (values, {"ref_cache_hit", "ref_forward_passes", "trunk_layers"})."""
     stage = SimpleNamespace(name="dpo", model=ModelSpec(path="builtin:tiny", tiny=TINY),
                             reference=ModelSpec(path=str(folder)),
                             train=SimpleNamespace(mixed_precision="no", batch_size=2))
     ctx = SimpleNamespace(seed=0, recipe=SimpleNamespace(run_dir=str(run_dir)),
                           model_path=lambda spec: spec.path)
-    (values,), info = reference_logps(stage, ctx, None, build_byte_tokenizer(), (EXAMPLES,), CPUAccelerator())
+    (values,), _, info = reference_logps(stage, ctx, None, build_byte_tokenizer(), (EXAMPLES,), CPUAccelerator())
     return values, info
 
 
@@ -160,7 +160,7 @@ def test_another_reference_model_never_reuses_the_cache(tmp_path):
     save_model(a, seed=0)
     save_model(b, seed=1)
     first, info = dpo_reference(a, tmp_path / "run")
-    assert info == {"ref_cache_hit": 0.0, "ref_forward_passes": 1.0}
+    assert info == {"ref_cache_hit": 0.0, "ref_forward_passes": 1.0, "trunk_layers": 0.0}
     again, info = dpo_reference(a, tmp_path / "run")
     assert info["ref_cache_hit"] == 1.0 and again == first
     other, info = dpo_reference(b, tmp_path / "run")
