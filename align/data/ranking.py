@@ -148,11 +148,14 @@ class RankedBatch(MovesToDevice):
 
     def model_inputs(self) -> tuple:
         r = self.rows
-        return r.input_ids, r.position_ids, r.attention_mask, r.last_index
+        inputs = (r.input_ids, r.position_ids, r.attention_mask, r.last_index)
+        return inputs if r.trunk is None else (*inputs, r.trunk)
 
 
-def collate_ranked(examples: Sequence[RankedExample], pad_id: int, dtype=torch.float32) -> RankedBatch:
-    rows = collate_shared([ex.row for ex in examples], pad_id, dtype)
+def collate_ranked(examples: Sequence[RankedExample], pad_id: int, dtype=torch.float32,
+                   trunks: Sequence[torch.Tensor] | None = None) -> RankedBatch:
+    """The batch of ``examples``; ``trunks[i]``: example i's states after the frozen lower layers."""
+    rows = collate_shared([ex.row for ex in examples], pad_id, dtype, trunks=trunks)
     return RankedBatch(rows, torch.tensor([ex.margin for ex in examples], dtype=torch.float32))
 
 

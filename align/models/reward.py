@@ -24,8 +24,8 @@ from align.data.collate import length_sorted_groups
 from align.data.ranking import collate_ranked
 from align.models.gguf import hf_folder
 from align.models.inference import no_grad_map
-from align.models.last_layer import hidden_at
 from align.models.loading import _DTYPES, BUILTIN_MODEL, build_tiny_model, load_tokenizer, lora_config
+from align.models.trunk import hidden_from
 
 
 def load_reward_tokenizer(spec: ModelSpec, model_path: str):
@@ -123,14 +123,17 @@ class PackedRewards(nn.Module):
 
     prune_last_layer = True  # the last decoder layer at the last tokens only (align.models.last_layer)
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, trunk_layers: int = 0):
         super().__init__()
         self.model = model
+        self.trunk_layers = trunk_layers  # what a ``trunk`` argument holds: the states after these layers
 
-    def forward(self, input_ids, position_ids, attention_mask, last_index):
+    def forward(self, input_ids, position_ids, attention_mask, last_index, trunk=None):
+        """``trunk``: (B, T, H) the states after the first ``trunk_layers`` (frozen) decoder layers
+        (:mod:`align.models.trunk`): only the layers above them run."""
         decoder, head = backbone_and_head(self.model)
-        selected = hidden_at(decoder, last_index, prune=self.prune_last_layer, input_ids=input_ids,
-                             position_ids=position_ids, attention_mask=attention_mask)  # (R, H)
+        selected = hidden_from(decoder, last_index, trunk, self.trunk_layers, prune=self.prune_last_layer,
+                               input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask)
         return head(selected).squeeze(-1).float()  # (R,)
 
 
@@ -153,12 +156,14 @@ def whiten_value_head(value_model, path: str, whiten: bool) -> None:
             head.bias.sub_(stats.mean).div_(stats.std)
 
 
-def score_ranked(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32):
-    """Scores of every ranked example's responses (best first), in order: list of lists of floats."""
+def score_ranked(model, examples, batch_size: int, pad_id: int, device, dtype=torch.float32, trunks=None):
+    """Scores of every ranked example's responses (best first), in order: list of lists of floats.
+    ``trunks``: per example, its states after the model's ``trunk_layers`` (:class:`PackedRewards`)."""
     out = [None] * len(examples)
 
     def make_batch(group):
-        return collate_ranked([examples[i] for i in group], pad_id, dtype).to(device)
+        chosen = [trunks[i] for i in group] if trunks is not None else None
+        return collate_ranked([examples[i] for i in group], pad_id, dtype, chosen).to(device)
 
     groups = length_sorted_groups([len(e) for e in examples], batch_size)
     for group, (batch, scores) in zip(groups, no_grad_map(model, groups, make_batch,

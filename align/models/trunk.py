@@ -16,7 +16,7 @@ wrapped for DDP or FSDP is not unwrapped here: callers use it on plain modules.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from torch import nn
 from align.models.last_layer import hidden_at
 
 DECODERS = ("LlamaModel", "MistralModel", "Qwen2Model")
+TRUNK_BYTES = 4 << 30  # the most hidden states a stage keeps (CPU memory, and DPO's cache) to skip the layers
 
 
 def decoder_of(model: nn.Module) -> nn.Module | None:
@@ -112,3 +113,43 @@ def hidden_from(decoder: nn.Module, index: torch.Tensor, trunk: torch.Tensor | N
         return hidden_at(decoder, index, prune=prune, input_ids=input_ids, **inputs)
     with from_layer(decoder, k):
         return hidden_at(decoder, index, prune=prune, inputs_embeds=trunk, **inputs)
+
+
+def trunk_layers_to_keep(model: nn.Module, tokens: int, processes: int = 1) -> int:
+    """How many lower layers a stage training ``model`` runs once per record and keeps (0: none): its frozen
+    ones, when one process trains, some layer above them trains and ``tokens`` positions of states fit in
+    :data:`TRUNK_BYTES`."""
+    decoder = decoder_of(model)
+    if decoder is None or processes > 1:
+        return 0
+    k = shared_layers(model)
+    if not k or k >= len(decoder.layers):  # all frozen: nothing trains; the last layer may be cut short
+        return 0
+    return k if tokens * decoder.config.hidden_size * next(model.parameters()).dtype.itemsize <= TRUNK_BYTES else 0
+
+
+@torch.no_grad()
+def shared_row_trunks(model: nn.Module, rows, k: int, batch_size: int, pad_id: int, device,
+                      autocast=nullcontext) -> list[torch.Tensor]:
+    """Per shared-prompt row (:mod:`align.data.shared_prompt`), its hidden states after layer ``k``: (its
+    length, H), on the CPU; computed in packed batches of ``batch_size`` rows."""
+    from align.data.collate import length_sorted_groups
+    from align.data.shared_prompt import collate_shared, record_states
+
+    dtype = next(model.parameters()).dtype
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        for group in length_sorted_groups([len(r.input_ids) for r in rows], batch_size):
+            members = [rows[i] for i in group]
+            batch = collate_shared(members, pad_id, dtype)
+            with autocast():
+                states = trunk_states(model, k, input_ids=batch.input_ids.to(device),
+                                      position_ids=batch.position_ids.to(device),
+                                      attention_mask=batch.attention_mask.to(device))
+            for i, state in zip(group, record_states(states.cpu(), members), strict=True):
+                out[i] = state
+    finally:
+        model.train(was_training)
+    return out

@@ -18,7 +18,7 @@ the reference is the policy's starting point, so the policy itself computes them
 others wait and read it (simple; it leaves the other processes idle for that pass).
 
 The same pass keeps what the frozen lower layers compute (LoRA on the top layers only: ``lora.last_layers``):
-each example's hidden states after them, cached with the log-probs (up to :data:`TRUNK_BYTES`), so every
+each example's hidden states after them, cached with the log-probs (up to :data:`align.models.trunk.TRUNK_BYTES`), so every
 training step and every DPO stage on the same data and start (a beta grid) runs only the layers above them
 (:mod:`align.models.trunk`; exact).
 """
@@ -43,11 +43,10 @@ from align.models.inference import no_grad_map
 from align.models.loading import is_peft, load_causal_lm
 from align.models.logps import TokenLogps
 from align.models.reference_cache import KeyPart, load_or_compute, model_identity
-from align.models.trunk import decoder_of, shared_layers
+from align.models.trunk import decoder_of, trunk_layers_to_keep
 from align.runtime import StageContext
 
 CACHE_VERSION = "dpo-ref-2"  # 2: {"logps", "trunks"}
-TRUNK_BYTES = 2 << 30  # the most hidden states DPO keeps (in memory and in the cache) to skip the frozen layers
 
 
 def key_parts(model_id: str, mixed_precision: str, splits: Sequence[Sequence[PreferenceExample]]) -> list[KeyPart]:
@@ -114,17 +113,12 @@ class Reference(NamedTuple):
 
 
 def trunk_layers_for(stage: DPOStage, lm, splits, accelerator) -> int:
-    """How many lower layers of the policy DPO runs once (in the reference pass) and caches: the frozen
-    ones (LoRA on the top layers), when one process trains, the reference is the policy's start (adapter
-    off: the same lower layers) and the states fit in :data:`TRUNK_BYTES`."""
-    if lm is None or stage.reference is not None or accelerator.num_processes > 1:
+    """How many lower layers of the policy DPO runs once (in the reference pass) and caches: its frozen ones
+    (:func:`align.models.trunk.trunk_layers_to_keep`), when the reference is the policy's start (adapter
+    off: the same lower layers)."""
+    if lm is None or stage.reference is not None:
         return 0
-    k = shared_layers(lm)
-    decoder = decoder_of(lm)
-    if not k or k >= len(decoder.layers):  # all frozen: nothing trains; the last layer may be cut short
-        return 0
-    size = sum(len(ex) for examples in splits for ex in examples) * decoder.config.hidden_size * lm.dtype.itemsize
-    return k if size <= TRUNK_BYTES else 0
+    return trunk_layers_to_keep(lm, sum(len(ex) for examples in splits for ex in examples), accelerator.num_processes)
 
 
 def reference_logps(stage: DPOStage, ctx: StageContext, lm, tokenizer, splits, accelerator) -> Reference:

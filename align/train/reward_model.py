@@ -25,6 +25,7 @@ from align.data.ranking import (
 from align.data.sources import describe_sources, split_by_prompt
 from align.losses.reward import reward_ranking_loss
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer, score_ranked
+from align.models.trunk import shared_row_trunks, trunk_layers_to_keep
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.fit import Built, Output, Task, fit, planned, shuffled_groups
 from eval.reward_accuracy import length_baseline_accuracy, ranking_accuracy
@@ -56,14 +57,32 @@ class RewardModel(Task):
         self.tokenizer = load_reward_tokenizer(stage.model, path)
         rm = load_reward_model(stage.model, path, self.tokenizer, seed=ctx.seed)
         self.dtype, notes = next(rm.parameters()).dtype, self._data()
+        self.trunks, k = self._trunks(rm)
         self.source = planned(self.accelerator, cfg, shuffled_groups([len(e) for e in self.train_ex], cfg, ctx.seed),
-                              lambda group: collate_ranked([self.train_ex[i] for i in group], self.tokenizer.pad_token_id,
-                                                           self.dtype).to(self.accelerator.device))
+                              self._batcher())
         banner = (f"{len(self.train_ex)} train / {len(self.eval_ex)} eval records ({sum(e.num_responses for e in self.train_ex)}"
-                  f" train responses), {self.source.words}; hygiene: {self.hygiene}")
-        return Built(PackedRewards(rm), self.source, make_loss_fn(stage.centering_coef), prompts_in,
+                  f" train responses), {self.source.words}; hygiene: {self.hygiene}"
+                  + (f"; {k} frozen lower layers run once per record" if k else ""))
+        self.trunk_layers = k
+        return Built(PackedRewards(rm, k), self.source, make_loss_fn(stage.centering_coef), prompts_in,
                      [Output("model", ctx.output(Artifact.REWARD_MODEL), self.tokenizer,
                              lambda folder: self.stats and self.stats.save(folder))], banner, notes + self.source.notes)
+
+    def _trunks(self, rm) -> tuple[list | None, int]:
+        """With LoRA on the top layers only: every record's states after the frozen layers below, computed
+        once (for every epoch and evaluation: :mod:`align.models.trunk`) -> ([train, eval] or None, k)."""
+        acc, examples = self.accelerator, (self.train_ex, self.eval_ex)
+        k = trunk_layers_to_keep(rm, sum(len(e) for exs in examples for e in exs), acc.num_processes)
+        if not k:
+            return None, 0
+        rm.to(acc.device)
+        return [shared_row_trunks(rm, [e.row for e in exs], k, self.stage.train.batch_size,
+                                  self.tokenizer.pad_token_id, acc.device, acc.autocast) for exs in examples], k
+
+    def _batcher(self):
+        train, trunks, pad = self.train_ex, self.trunks[0] if self.trunks else None, self.tokenizer.pad_token_id
+        return lambda group: collate_ranked([train[i] for i in group], pad, self.dtype,
+                                            [trunks[i] for i in group] if trunks else None).to(self.accelerator.device)
 
     def _data(self) -> list[str]:
         """Records: domain, split by prompt, hygiene, tokenized into packed rows -> the stage log's notes."""
@@ -85,19 +104,20 @@ class RewardModel(Task):
         self.hygiene.update(encoding_counts(data))
         return encoding_notes(data, train_records + eval_records, sources)
 
-    def _scores(self, examples) -> list[list[float]]:
+    def _scores(self, examples, trunks=None) -> list[list[float]]:
         return score_ranked(self.model, examples, self.stage.train.batch_size, self.tokenizer.pad_token_id,
-                            self.accelerator.device, self.dtype)
+                            self.accelerator.device, self.dtype, trunks)
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_ex:
             return {}
-        self.eval_scores = self._scores(self.eval_ex)
+        self.eval_scores = self._scores(self.eval_ex, self.trunks[1] if self.trunks else None)
         return ranking_accuracy(self.eval_scores, [e.strength for e in self.eval_ex], [e.domain for e in self.eval_ex])
 
     def result(self, summary, before, after) -> dict:
         stage, acc = self.stage, self.accelerator
         metrics = {**summary.metrics(), "train_records": len(self.train_ex), "eval_records": len(self.eval_ex),
+                   "trunk_layers": self.trunk_layers,
                    "epochs_trained": self.source.epochs, **self.hygiene}
         if after:
             metrics.update(after, rm_accuracy_before=before.get("rm_accuracy"),
@@ -108,7 +128,8 @@ class RewardModel(Task):
                 write_scored_records(Path(self.ctx.out_dir) / "eval_scores.jsonl", self.eval_records, self.eval_scores)
         stats_ex, self.stats = self.train_ex[: stage.stats_records], None
         if stats_ex or self.eval_ex:  # stats_records: 0 and no held-out split: no reward_stats.json
-            flat = [s for rec in self._scores(stats_ex) + (self.eval_scores if after else []) for s in rec]
+            stats_trunks = self.trunks[0][: len(stats_ex)] if self.trunks else None
+            flat = [s for rec in self._scores(stats_ex, stats_trunks) + (self.eval_scores if after else []) for s in rec]
             self.stats = compute_stats(flat, max_length=stage.train.max_length, max_prompt_length=self.max_prompt_length,
                                        extra={"records": len(stats_ex) + len(self.eval_ex), "stage": stage.name})
             metrics.update(reward_mean=self.stats.mean, reward_std=self.stats.std)

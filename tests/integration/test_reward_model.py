@@ -127,14 +127,21 @@ def test_lora_with_margins_and_hygiene(tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", rows)
     recipe = rm_recipe(tmp_path, data, margin="llama2_large", min_strength="slightly_better",
                        dedup_threshold=0.75, centering_coef=0.01, train={"max_steps": 3},
-                       model={"path": "builtin:tiny", "tiny": TINY, "lora": {"r": 2, "alpha": 4}})
+                       model={"path": "builtin:tiny", "tiny": TINY, "lora": {"r": 2, "alpha": 4, "last_layers": 1}})
     (record,) = run_recipe(recipe_from_dict(recipe), log=lambda *_: None)
     m = record["metrics"]
     assert m["dropped_below_min_strength"] > 0 and m["dropped_near_duplicate_responses"] > 0
+    assert m["trunk_layers"] == 1  # the frozen first layer ran once per record (align.models.trunk)
     model_dir = tmp_path / "runs/t/round_1/rm/model"
     assert (model_dir / "adapter" / "adapter_config.json").exists()
     model = AutoModelForSequenceClassification.from_pretrained(model_dir)  # merged, head included
     assert not any("lora" in n for n, _ in model.named_parameters())
+    # the held-out scores the stage computed from the kept states are the merged model's own
+    rows = [json.loads(x) for x in open(tmp_path / "runs/t/round_1/rm/eval_scores.jsonl")]
+    got = RewardScorer.from_pretrained(model_dir, device="cpu").score(
+        [r["prompt"] for r in rows for _ in r["responses"]], [x for r in rows for x in r["responses"]])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor([s for r in rows for s in r["scores"]]),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_identical_responses_are_dropped_with_a_warning_and_all_identical_is_an_input_error(tmp_path, capsys):

@@ -156,3 +156,35 @@ def test_dpo_token_logps_from_cached_trunks_equal_the_whole_policy_with_gradient
     assert g0.keys() == g1.keys() and g0
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+
+
+def test_reward_model_from_cached_trunks_equals_the_whole_model_with_gradients(models):
+    """A reward model with LoRA on its top layer: each record's states after the frozen layers, computed
+    once (shared_row_trunks) and packed into batches, give the whole model's scores and gradients."""
+    from align.data.ranking import RankedExample, collate_ranked
+    from align.data.shared_prompt import build_row
+    from align.models.reward import PackedRewards, score_ranked
+    from align.models.trunk import shared_row_trunks, trunk_layers_to_keep
+
+    _, value, _, tok = models
+    examples = [RankedExample(build_row(p, r), 0.0, None, "helpfulness") for p, r, _, _ in EXAMPLES]
+    assert trunk_layers_to_keep(value, tokens=100) == 2 and trunk_layers_to_keep(value, tokens=10**12) == 0
+    trunks = shared_row_trunks(value, [e.row for e in examples], 2, batch_size=2, pad_id=tok.pad_token_id,
+                               device="cpu")
+    assert [t.shape[0] for t in trunks] == [len(e.row.input_ids) for e in examples]
+    batch = collate_ranked(examples, tok.pad_token_id, trunks=trunks)
+    results = []
+    for k, inputs in ((0, batch.model_inputs()[:4]), (2, batch.model_inputs())):
+        value.zero_grad()
+        scores = PackedRewards(value, k)(*inputs)
+        (scores * torch.arange(1.0, 1 + len(scores))).sum().backward()
+        results.append((scores.detach(), {n: p.grad.clone() for n, p in value.named_parameters() if p.grad is not None}))
+    (whole, g0), (top, g1) = results
+    torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-5)
+    assert g0.keys() == g1.keys() and g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+    # evaluation scores from the trunks too
+    top, whole = (score_ranked(PackedRewards(value, k).eval(), examples, 2, tok.pad_token_id, "cpu", trunks=t)
+                  for k, t in ((2, trunks), (0, None)))
+    torch.testing.assert_close(torch.tensor(top), torch.tensor(whole), rtol=1e-5, atol=1e-5)
