@@ -14,7 +14,10 @@ the scores of its responses in ranked order (best first), its strength (or None)
 
 :func:`length_baseline_accuracy` is the same pairwise accuracy for a "reward model" that scores a response
 by its length in characters: the bar a trained reward model has to clear on data where the preferred
-answer is usually the longer one (on the shared prefs_helpful data, 69% of chosen responses are longer).
+answer is usually the longer one (on the shared prefs_helpful data, 69% of chosen responses are longer);
+:func:`length_baseline` gives it by strength too. :func:`by_length_order` splits a model's accuracy into the
+pairs whose preferred response is the shorter one (where the length baseline scores 0: what was learned
+beyond length shows there) and the longer one.
 """
 
 from __future__ import annotations
@@ -70,6 +73,31 @@ def length_baseline_accuracy(records) -> float:
     records with ranked ``responses`` (best first) of messages with ``content``."""
     lengths = [[float(len(m.content)) for m in r.responses] for r in records]
     return ranking_accuracy(lengths)["rm_accuracy"] if lengths else float("nan")
+
+
+def length_baseline(records, strengths: Sequence[str | None] | None = None) -> dict[str, float]:
+    """:func:`ranking_accuracy` of the length scorer, keys ``rm_length_baseline_accuracy`` and
+    ``rm_length_baseline_accuracy/<strength>`` (Llama 2 table 8's rows for the baseline)."""
+    lengths = [[float(len(m.content)) for m in r.responses] for r in records]
+    out = ranking_accuracy(lengths, strengths, prefix="rm_length_baseline_") if lengths else {}
+    return {k: v for k, v in out.items() if k.startswith("rm_length_baseline_accuracy")}
+
+
+def by_length_order(scores: Sequence[Sequence[float]], records, prefix: str = "rm_") -> dict[str, float]:
+    """Accuracy over the ordered pairs (i better than j) whose better response is shorter in characters
+    (``<prefix>accuracy/shorter_wins``) and longer (``.../longer_wins``), with their pair counts
+    (``<prefix>pairs/...``); pairs of equal length are in neither."""
+    groups: dict[str, list[float]] = {"shorter_wins": [], "longer_wins": []}
+    for rec, record in zip(scores, records, strict=True):
+        lengths = [len(m.content) for m in record.responses]
+        for i in range(len(rec)):
+            for j in range(i + 1, len(rec)):
+                if lengths[i] != lengths[j]:
+                    key = "shorter_wins" if lengths[i] < lengths[j] else "longer_wins"
+                    groups[key].append(_pair_credit(rec[i], rec[j]))
+    out = {f"{prefix}pairs/{key}": float(len(credits)) for key, credits in groups.items()}
+    out.update({f"{prefix}accuracy/{key}": _mean(credits) for key, credits in groups.items() if credits})
+    return out
 
 
 def _mean(values: Sequence[float]) -> float:

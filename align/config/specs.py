@@ -216,6 +216,11 @@ class DataSpec(Strict):
     )
     skip_bad_rows: bool = Field(False, description="skip rows that fail validation (count reported)")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="fraction held out for evaluation")
+    train_sample: int | None = Field(
+        None, gt=0, description="after the held-out split, train on this many of the training records (a seeded "
+        "sample; a smaller one is part of a larger one): a curve of accuracy against training data on one "
+        "held-out split",
+    )
     mix: list[DataSpec] = Field(
         default_factory=list, description="instead of one source, several with weights (Llama 2 mixed its "
         "own preference data with open data at set ratios): each part {paths: [...] or builtin: ..., weight: W}; "
@@ -263,8 +268,8 @@ class DataSpec(Strict):
                 raise ValueError(f"mix[{k}]: give its 'weight'")
             if part.mix or part.from_stage is not None:
                 raise ValueError(f"mix[{k}]: a part reads files ('paths') or a built-in set, not a stage or another mix")
-            if part.eval_fraction or part.skip_bad_rows:
-                raise ValueError(f"mix[{k}]: eval_fraction and skip_bad_rows belong to the mix, not a part")
+            if part.eval_fraction or part.skip_bad_rows or part.train_sample:
+                raise ValueError(f"mix[{k}]: eval_fraction, train_sample and skip_bad_rows belong to the mix, not a part")
         return self
 
 

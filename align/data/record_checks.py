@@ -86,7 +86,7 @@ def _sft(at: str, stage: SFTStage, spec: DataSpec, seed: int) -> list[str]:
 
 def _dpo(at: str, stage: DPOStage, spec: DataSpec, seed: int) -> list[str]:
     records = load_preferences(spec, spec.paths, seed)
-    train, _ = split_by_prompt(records, spec.eval_fraction, seed)
+    train, _ = split_by_prompt(records, spec.eval_fraction, seed, spec.train_sample)
     return _split_problem(f"{at}.data", spec, records, train)
 
 
@@ -99,7 +99,7 @@ def _reward_model(at: str, stage: RewardModelStage, spec: DataSpec, seed: int) -
         return [f"{at}.domain: no record of {sources} has domain '{stage.domain}' (there: "
                 f"{_tally(select_domain(every, None, stage.default_domain), 'domain')}; records without one take "
                 "default_domain)"]
-    train, _ = split_by_prompt(records, spec.eval_fraction, seed)
+    train, _ = split_by_prompt(records, spec.eval_fraction, seed, spec.train_sample)
     if not train:
         return _split_problem(f"{at}.data", spec, records, train)
     kept, counts = apply_hygiene(train, stage.min_strength, stage.dedup_threshold)

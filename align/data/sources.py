@@ -88,7 +88,7 @@ def load_sft(spec: DataSpec, paths: list[str], seed: int, system_prompt: str | N
     records = subset(gather(BUILTIN_SFT, spec, paths, "sft", seed, "SFT"), spec, seed)
     if system_prompt:
         records = [_with_system(r, system_prompt) for r in records]
-    return split_by_prompt(records, spec.eval_fraction, seed)
+    return split_by_prompt(records, spec.eval_fraction, seed, spec.train_sample)
 
 
 def trained_split(train: list[SFTRecord], held: list[SFTRecord], spec: DataSpec, sources: str,
@@ -127,18 +127,27 @@ def prompt_key(record) -> str:
     return " ".join(next((m.content for m in messages if m.role == "user"), "").lower().split())
 
 
-def split_by_prompt(records: Sequence, eval_fraction: float, seed: int) -> tuple[list, list]:
+def split_by_prompt(records: Sequence, eval_fraction: float, seed: int,
+                    train_sample: int | None = None) -> tuple[list, list]:
     """Hold out ``eval_fraction`` of the distinct prompts (:func:`prompt_key`) with all their records, so
     no prompt is in both splits: one prompt often carries several records that share responses, and a
-    record-level split would score held-out records whose prompt (and answers) were trained on."""
+    record-level split would score held-out records whose prompt (and answers) were trained on.
+    ``train_sample``: then keep that many training records (the first of a seeded order, in file order, so
+    a smaller sample is part of a larger one); the held-out split does not depend on it."""
     if eval_fraction <= 0:
-        return list(records), []
-    keys = [prompt_key(r) for r in records]
-    distinct = sorted(set(keys))
-    random.Random(seed).shuffle(distinct)
-    held = set(distinct[: max(1, int(round(eval_fraction * len(distinct))))])
-    train = [r for r, k in zip(records, keys, strict=True) if k not in held]
-    return train, [r for r, k in zip(records, keys, strict=True) if k in held]
+        train, held = list(records), []
+    else:
+        keys = [prompt_key(r) for r in records]
+        distinct = sorted(set(keys))
+        random.Random(seed).shuffle(distinct)
+        chosen = set(distinct[: max(1, int(round(eval_fraction * len(distinct))))])
+        train = [r for r, k in zip(records, keys, strict=True) if k not in chosen]
+        held = [r for r, k in zip(records, keys, strict=True) if k in chosen]
+    if train_sample is not None and train_sample < len(train):
+        order = list(range(len(train)))
+        random.Random(seed * 7919 + 1).shuffle(order)
+        train = [train[i] for i in sorted(order[:train_sample])]
+    return train, held
 
 
 def load_prompts(spec: DataSpec, paths: list[str], seed: int):

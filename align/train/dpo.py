@@ -54,7 +54,7 @@ class DPO(Task):
         stage, cfg, ctx = self.stage, self.stage.train, self.ctx
         paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
         train_records, eval_records = split_by_prompt(load_preferences(stage.data, paths, ctx.seed),
-                                                      stage.data.eval_fraction, ctx.seed)
+                                                      stage.data.eval_fraction, ctx.seed, stage.data.train_sample)
         if not train_records:  # before the model: bad data stops at once
             raise StageInputError(f"stage '{stage.name}': data.eval_fraction={stage.data.eval_fraction} holds out "
                                   f"every prompt of {describe_sources(stage.data, paths)}: no training record is left")

@@ -28,7 +28,7 @@ from align.models.reward import PackedRewards, load_reward_model, load_reward_to
 from align.models.trunk import shared_row_trunks, trunk_layers_to_keep
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.fit import Built, Output, Task, fit, planned, shuffled_groups
-from eval.reward_accuracy import length_baseline_accuracy, ranking_accuracy
+from eval.reward_accuracy import by_length_order, length_baseline, length_baseline_accuracy, ranking_accuracy
 from rewards.whitening import compute_stats
 
 
@@ -90,7 +90,8 @@ class RewardModel(Task):
         paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
         sources = describe_sources(stage.data, paths)
         records = select_domain(load_preferences(stage.data, paths, ctx.seed), stage.domain, stage.default_domain)
-        train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed)
+        train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed,
+                                                      stage.data.train_sample)
         train_records, self.hygiene = apply_hygiene(train_records, stage.min_strength, stage.dedup_threshold)
         if not train_records:
             raise StageInputError(f"stage '{stage.name}': no training record left after domain selection, the "
@@ -120,8 +121,11 @@ class RewardModel(Task):
                    "trunk_layers": self.trunk_layers,
                    "epochs_trained": self.source.epochs, **self.hygiene}
         if after:
+            strengths = [e.strength for e in self.eval_ex]
             metrics.update(after, rm_accuracy_before=before.get("rm_accuracy"),
                            rm_accuracy_length_baseline=length_baseline_accuracy(self.eval_records),
+                           **length_baseline(self.eval_records, strengths),
+                           **by_length_order(self.eval_scores, self.eval_records),
                            **self._newest(self.eval_scores, "rm_newest_"), **self._compared())
             acc.print(f"[{stage.name}] held-out: " + json.dumps({k: round(v, 4) for k, v in after.items()}))
             if acc.is_main_process:

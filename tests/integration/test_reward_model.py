@@ -211,3 +211,15 @@ def test_max_prompt_length_keeps_the_start_of_long_prompts(tmp_path):
     prompt, response = rows[0]["prompt"], rows[0]["responses"][0]
     assert long.encode(prompt, response)[:1] == [long.tokenizer.bos_token_id]  # starts at <|begin_of_text|>
     assert len(short.encode(prompt, response)) < len(long.encode(prompt, response))
+
+
+def test_train_sample_trains_on_that_many_records_of_the_same_split(tmp_path):
+    data = write_jsonl(tmp_path / "prefs.jsonl", marker_records(40))
+    recipe = rm_recipe(tmp_path, data, train={"max_steps": 1})
+    recipe["stages"][0]["data"]["train_sample"] = 12
+    (record,) = run_recipe(recipe_from_dict(recipe), log=lambda *_: None)
+    m = record["metrics"]
+    assert m["train_records"] == 12 and m["eval_records"] == 10
+    # the held-out pairs by length order (the marker data's answers differ in case only: equal lengths)
+    assert m["rm_pairs/shorter_wins"] == m["rm_pairs/longer_wins"] == 0
+    assert 0 <= m["rm_length_baseline_accuracy/better"] <= 1

@@ -107,3 +107,24 @@ def test_truncation_is_counted_and_can_make_responses_identical():
     assert data.truncated_prompts == 0 and data.truncated_responses == 2
     assert data.identical_pairs == 1 and [m.content for m in data.records[0].responses] == ["abcdefgh one", "z"]
     assert tokenize_ranked_records(tok, [long], 34, 8, "none").truncated_prompts == 1
+
+
+def test_accuracy_split_by_whether_the_shorter_answer_wins_and_the_baseline_by_strength():
+    from eval.reward_accuracy import by_length_order, length_baseline
+
+    records = [rec(["a long answer", "short"]), rec(["abc", "xyz"]), rec(["longest one", "mid", "longer"])]
+    # pairs (better first) and lengths: (13, 5) longer wins | (3, 3) equal: neither |
+    # (11, 3) longer, (11, 6) longer, (3, 6) shorter wins
+    scores = [[0.2, 0.9], [1.0, 0.0], [3.0, 1.0, 2.0]]
+    # credits: 0 | - | 1, 1 | 0 (score 1.0 < 2.0 on the shorter-wins pair)
+    m = by_length_order(scores, records)
+    assert m["rm_accuracy/longer_wins"] == pytest.approx(2 / 3) and m["rm_pairs/longer_wins"] == 3
+    assert m["rm_accuracy/shorter_wins"] == 0.0 and m["rm_pairs/shorter_wins"] == 1
+    strengths = ["better", "better", "slightly_better"]
+    b = length_baseline(records, strengths)
+    assert b["rm_length_baseline_accuracy"] == pytest.approx((1 + 0.5 + 1 + 1 + 0) / 5)
+    assert b["rm_length_baseline_accuracy/better"] == pytest.approx((1 + 0.5) / 2)
+    assert b["rm_length_baseline_accuracy/slightly_better"] == pytest.approx(2 / 3)
+    # no pair of one kind: its count is 0 and it has no accuracy (not NaN)
+    assert by_length_order([[1.0, 0.0]], [rec(["abc", "xyz"])]) == {"rm_pairs/shorter_wins": 0.0,
+                                                                  "rm_pairs/longer_wins": 0.0}

@@ -72,3 +72,22 @@ def test_sample_takes_a_seeded_subset_in_file_order_after_limit(tmp_path):
     assert ids(DataSpec(paths=[path], sample=100)) == list(range(40))
     records = load_preferences(DataSpec(paths=[path], sample=10, eval_fraction=0.2), [path], seed=0)
     assert sorted(int(prompt_key(r)[1:-1]) for r in records) == picked
+
+
+def test_train_sample_shrinks_the_training_split_only_and_nests():
+    """``data.train_sample``: a learning curve's sizes share one held-out split; a smaller training set is
+    part of a larger one; records stay in file order."""
+    records = [PreferenceRecord(prompt=[U(f"Question {i}?")], responses=[A(f"yes {i}"), A(f"no {i}")])
+               for i in range(100)]
+    full_train, held = split_by_prompt(records, 0.2, seed=4)
+    splits = {n: split_by_prompt(records, 0.2, seed=4, train_sample=n) for n in (10, 40, 80, 500)}
+    for n, (train, h) in splits.items():
+        assert h == held and len(train) == min(n, len(full_train))
+        assert [records.index(r) for r in train] == sorted(records.index(r) for r in train)
+    assert {id(r) for r in splits[10][0]} < {id(r) for r in splits[40][0]} < {id(r) for r in splits[80][0]}
+    assert splits[500][0] == full_train
+    assert split_by_prompt(records, 0.2, seed=5, train_sample=10)[0] != splits[10][0]  # seeded
+    # without a held-out split it samples the records
+    assert len(split_by_prompt(records, 0.0, seed=0, train_sample=7)[0]) == 7
+    assert len(load_sft(DataSpec(builtin="world", builtin_size=200, eval_fraction=0.1, train_sample=25), [],
+                        seed=0)[0]) == 25
