@@ -224,6 +224,28 @@ def compare_fronts(summary: Sequence[dict], metric: str, a: str, b: str, points:
     return out
 
 
+def best_checkpoints(rows: Sequence[dict], metric: str, gain: float = 0.25, ceiling: float = 1.0) -> list[dict]:
+    """Per seed and trained method, its checkpoint with the highest ``metric`` beside the seed's start: the
+    gain, the bar (``gain``, or half the distance from the start to ``ceiling`` when that is smaller) and
+    whether it is met, the checkpoint's KL, setting and number, and its word-repeat share beside twice the
+    start's (``repeats``, ``repeats_limit``; None without the diversity evaluator)."""
+    out = []
+    for seed in sorted({r["seed"] for r in rows}):
+        start = next((r for r in rows if r["seed"] == seed and r["method"] == "start"), None)
+        if start is None:
+            raise ValueError(f"seed {seed} has no start row (an evaluation of the start against itself)")
+        bar = min(gain, (ceiling - start[metric]) / 2)
+        for method in sorted({r["method"] for r in rows if r["seed"] == seed and r["method"] not in ("start", BEST_OF_N)}):
+            best = max((r for r in rows if r["seed"] == seed and r["method"] == method), key=lambda r: r[metric])
+            repeats, start_repeats = best.get("word_repeat_rate"), start.get("word_repeat_rate")
+            out.append({"seed": seed, "method": method, "start": start[metric], "best": best[metric],
+                        "gain": best[metric] - start[metric], "bar": bar,
+                        "meets_bar": best[metric] - start[metric] >= bar, "kl": best["kl"], "setting": best["value"],
+                        "checkpoint": best["checkpoint"], "repeats": repeats,
+                        "repeats_limit": None if start_repeats is None else 2 * start_repeats})
+    return out
+
+
 def stage_seconds(run_dirs: Iterable[str | Path], round_: int = 1) -> list[dict]:
     """Every finished stage of every run, in recipe order: {seed, stage, kind, minutes} (wall time)."""
     out = []

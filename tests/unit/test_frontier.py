@@ -143,3 +143,26 @@ def test_fronts_compared_at_equal_kl_by_hand():
     assert [c["kl"] for c in out] == pytest.approx([1.0, 8 ** 0.5, 8.0])
     assert [c["difference"] for c in out] == pytest.approx([0.1, 0.4, -0.3])  # .3 - .2, .6 - .2, .6 - .9
     assert compare_fronts(summary[:2], "s", "A", "B") == []  # B has no point
+
+
+def test_best_checkpoints_against_the_bar_by_hand():
+    from eval.frontier import best_checkpoints
+
+    def row(seed, method, score, kl=1.0, value=0.1, checkpoint=1, repeats=0.0):
+        return {"seed": seed, "method": method, "sentiment": score, "kl": kl, "value": value,
+                "checkpoint": checkpoint, "word_repeat_rate": repeats}
+
+    rows = [row(0, "start", 0.4, kl=0.0, value=None, checkpoint=0, repeats=0.01),
+            row(0, "DPO", 0.62, kl=3.0, checkpoint=1), row(0, "DPO", 0.71, kl=9.0, checkpoint=3, repeats=0.03),
+            row(0, "PPO-GT", 0.64, kl=2.0, value=0.05, checkpoint=2), row(0, "best-of-N", 0.99, value=64.0),
+            row(1, "start", 0.6, kl=0.0, value=None, checkpoint=0), row(1, "DPO", 0.79, kl=4.0)]
+    got = {(b["seed"], b["method"]): b for b in best_checkpoints(rows, "sentiment")}
+    assert set(got) == {(0, "DPO"), (0, "PPO-GT"), (1, "DPO")}  # best-of-N is a baseline, not a method here
+    dpo = got[0, "DPO"]  # bar: min(0.25, (1 - 0.4) / 2 = 0.3) = 0.25; gain 0.31
+    assert dpo["bar"] == 0.25 and dpo["gain"] == pytest.approx(0.31) and dpo["meets_bar"]
+    assert (dpo["kl"], dpo["checkpoint"], dpo["repeats"], dpo["repeats_limit"]) == (9.0, 3, 0.03, 0.02)
+    assert got[0, "PPO-GT"]["gain"] == pytest.approx(0.24) and not got[0, "PPO-GT"]["meets_bar"]
+    seed1 = got[1, "DPO"]  # bar: min(0.25, (1 - 0.6) / 2 = 0.2) = 0.2; gain 0.19
+    assert seed1["bar"] == pytest.approx(0.2) and not seed1["meets_bar"]
+    with pytest.raises(ValueError, match="seed 2 has no start row"):
+        best_checkpoints([row(2, "DPO", 0.5)], "sentiment")
