@@ -59,7 +59,7 @@ def copy_run(run_dir: Path, into: Path) -> dict:
         resolved = running  # cut short: the recipe it was running
     if resolved.is_file():
         shutil.copy2(resolved, out / "resolved.yaml")
-    for name in ("report.json",):
+    for name in ("report.json", "run.json"):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, out / name)
     row = {"copied": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from": str(run_dir.resolve()),
