@@ -31,7 +31,8 @@ def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: i
     part's records, drawn to its weight (:func:`mix_records`)."""
     if spec.mix:
         parts = [subset(gather(table, part, part.paths, kind, seed, what), part, seed) for part in spec.mix]
-        records, counts = mix_records(parts, [part.weight for part in spec.mix], seed)
+        tagged = [[r.model_copy(update={"meta": {**r.meta, MIX_PART: k}}) for r in part] for k, part in enumerate(parts)]
+        records, counts = mix_records(tagged, [part.weight for part in spec.mix], seed)
         print("data mix: " + "; ".join(f"{describe_sources(part, part.paths)}: {c} records (of {len(r)})"
                                        for part, c, r in zip(spec.mix, counts, parts, strict=True)))
         return records
@@ -49,6 +50,20 @@ def gather(table: dict, spec: DataSpec, paths: Sequence[str], kind: str, seed: i
     if paths or (spec.builtin is None and spec.hf is None):
         records += read_records(list(paths), kind, spec.skip_bad_rows)
     return records
+
+
+MIX_PART = "mix_part"  # a mixed record's meta: which part of ``data.mix`` it came from (0, 1, ...)
+
+
+def mix_counts(records: Sequence, prefix: str = "train") -> dict[str, float]:
+    """What each part of a ``data.mix`` contributed to ``records`` (e.g. a stage's training split):
+    ``<prefix>_mix_part<k>_records`` and ``..._share``; {} for records that were not mixed."""
+    parts = [r.meta.get(MIX_PART) for r in records if getattr(r, "meta", None) and MIX_PART in r.meta]
+    out: dict[str, float] = {}
+    for k in sorted(set(parts)):
+        out[f"{prefix}_mix_part{k}_records"] = float(parts.count(k))
+        out[f"{prefix}_mix_part{k}_share"] = parts.count(k) / len(records)
+    return out
 
 
 def mix_records(parts: Sequence[list], weights: Sequence[float], seed: int) -> tuple[list, list[int]]:

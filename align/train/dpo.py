@@ -11,7 +11,7 @@ from align.config.dpo import DPOStage
 from align.data.chat import formatting_ids
 from align.data.collate import length_sorted_groups
 from align.data.preference import collate_pairs, load_preferences, tokenize_preferences
-from align.data.sources import describe_sources, split_by_prompt
+from align.data.sources import describe_sources, mix_counts, split_by_prompt
 from align.losses.dpo import dpo_loss, response_sums, response_token_counts
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageInputError, StageResult
@@ -55,6 +55,7 @@ class DPO(Task):
         paths = ctx.data_paths(stage.data, (Artifact.PREFERENCES,))
         train_records, eval_records = split_by_prompt(load_preferences(stage.data, paths, ctx.seed),
                                                       stage.data.eval_fraction, ctx.seed, stage.data.train_sample)
+        self.mix = mix_counts(train_records)
         if not train_records:  # before the model: bad data stops at once
             raise StageInputError(f"stage '{stage.name}': data.eval_fraction={stage.data.eval_fraction} holds out "
                                   f"every prompt of {describe_sources(stage.data, paths)}: no training record is left")
@@ -110,7 +111,7 @@ class DPO(Task):
     def result(self, summary, before, after) -> dict:
         train, held_out = self.data
         headline = [k for k in after if k.endswith(HEADLINE)]
-        return {**summary.metrics(), **self.ref_info, "epochs_trained": self.source.epochs,
+        return {**summary.metrics(), **self.ref_info, **self.mix, "epochs_trained": self.source.epochs,
                 "dropped_records": float(train.dropped + held_out.dropped),
                 "identical_pairs_dropped": float(train.identical_pairs + held_out.identical_pairs),
                 "truncated_responses": float(train.truncated + held_out.truncated),

@@ -22,7 +22,7 @@ from align.data.ranking import (
     tokenize_ranked_records,
     write_scored_records,
 )
-from align.data.sources import describe_sources, split_by_prompt
+from align.data.sources import describe_sources, mix_counts, split_by_prompt
 from align.losses.reward import reward_ranking_loss
 from align.models.reward import PackedRewards, load_reward_model, load_reward_tokenizer, score_ranked
 from align.models.trunk import shared_row_trunks, trunk_layers_to_keep
@@ -93,6 +93,7 @@ class RewardModel(Task):
         train_records, eval_records = split_by_prompt(records, stage.data.eval_fraction, ctx.seed,
                                                       stage.data.train_sample)
         train_records, self.hygiene = apply_hygiene(train_records, stage.min_strength, stage.dedup_threshold)
+        self.hygiene.update(mix_counts(train_records))
         if not train_records:
             raise StageInputError(f"stage '{stage.name}': no training record left after domain selection, the "
                                   "held-out split and hygiene (check domain / default_domain / min_strength)")

@@ -24,7 +24,7 @@ from align.data.collate import (
     group_by_tokens,
     group_packed_rows,
 )
-from align.data.sources import describe_sources, load_sft, trained_split
+from align.data.sources import describe_sources, load_sft, mix_counts, trained_split
 from align.models.logps import TokenLogps
 from align.runtime import StageContext, StageInputError, StageResult
 from align.train.common import evaluate_sums, load_policy
@@ -56,7 +56,7 @@ class SFT(Task):
         truncated, n_rows = sum(e.cut > 0 for e in train_ex + self.eval_ex), len(train_ex) + len(self.eval_ex)
         self.train_ex = [e for e in train_ex if any(e.loss_mask[1:])]
         self.eval_ex = [e for e in self.eval_ex if any(e.loss_mask[1:])]
-        self.counts = {"truncated_rows": float(truncated),
+        self.counts = {**mix_counts(train_records), "truncated_rows": float(truncated),
                        "dropped_too_long": float(n_rows - len(self.train_ex) - len(self.eval_ex)),
                        "dropped_weight_0": float(untrained)}
         notes = [f"{truncated} of {n_rows} rows cut at max_length={cfg.max_length}; {self.counts['dropped_too_long']:.0f}"

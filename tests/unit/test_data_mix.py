@@ -67,3 +67,35 @@ def test_sft_and_prompt_readers_mix_too(tmp_path):
     prompts = load_prompts(DataSpec(mix=[{"builtin": "world", "builtin_size": 10, "weight": 3},
                                          {"builtin": "world_eval", "builtin_size": 10, "weight": 1}]), [], seed=0)
     assert len(prompts) == 20
+
+
+def test_what_each_part_gave_is_counted_after_the_split(tmp_path):
+    from align.data.sources import mix_counts, split_by_prompt
+
+    big, small = _prefs(tmp_path / "big.jsonl", "big", 300), _prefs(tmp_path / "small.jsonl", "small", 20)
+    records = load_preferences(DataSpec(mix=[{"paths": [big], "weight": 0.8}, {"paths": [small], "weight": 0.2}]),
+                               [], seed=0)
+    assert {r.meta["mix_part"] for r in records if r.source == "small"} == {1}
+    train, held = split_by_prompt(records, 0.25, seed=0)
+    counts = mix_counts(train)
+    small_train = sum(r.source == "small" for r in train)
+    assert counts == {"train_mix_part0_records": len(train) - small_train, "train_mix_part0_share": 1 - small_train / len(train),
+                      "train_mix_part1_records": small_train, "train_mix_part1_share": small_train / len(train)}
+    assert abs(counts["train_mix_part1_share"] - 0.2) < 0.05 and held
+    assert mix_counts(load_preferences(DataSpec(paths=[big]), [big], seed=0)) == {}  # not mixed: nothing
+
+
+def test_a_stage_reports_what_each_part_gave(tmp_path):
+    from align.runner import run_recipe
+
+    big, small = _prefs(tmp_path / "big.jsonl", "big", 40), _prefs(tmp_path / "small.jsonl", "small", 8)
+    recipe = recipe_from_dict({"name": "t", "output_dir": str(tmp_path / "runs"), "stages": [{
+        "name": "rm", "kind": "reward_model",
+        "model": {"path": "builtin:tiny", "tiny": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "num_key_value_heads": 1}},
+        "data": {"mix": [{"paths": [big], "weight": 0.5}, {"paths": [small], "weight": 0.5}]},
+        "train": {"batch_size": 8, "max_steps": 1, "max_length": 64, "report_to": []}}]})
+    (record,) = run_recipe(recipe, log=lambda *_: None)
+    m = record["metrics"]
+    assert m["train_mix_part0_records"] + m["train_mix_part1_records"] == m["train_records"]
+    assert m["train_mix_part1_share"] == pytest.approx(0.5, abs=0.05)
