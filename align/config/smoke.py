@@ -35,7 +35,8 @@ def _tiny_models(s: dict) -> None:
             if isinstance(spec, dict) and spec.get("path") and not str(spec["path"]).startswith("builtin:"):
                 lora = {k: v for k, v in (spec.get("lora") or {}).items() if k != "last_layers"}
                 holder[key] = {"path": "builtin:tiny", "tokenizer": "builtin:world", "tiny": TINY,
-                               **({"lora": lora} if spec.get("lora") else {})}
+                               **({"lora": lora} if spec.get("lora") else {}),
+                               **({"dtype": spec["dtype"]} if spec.get("dtype") else {})}  # bf16 runs as bf16
 
 
 def _shrink_stage(s: dict, kind: str, train: dict, model: dict) -> None:

@@ -36,7 +36,7 @@ def test_shrunk_recipes_validate_with_the_same_stages(path):
 
 def test_tiny_model_replaces_every_model_given_by_path():
     """The sentiment notebook's CI size: SmolLM2 (a GGUF file) becomes the built-in tiny model everywhere a
-    path names it (policy, reference, reward model), LoRA kept, best-of-N cut to the shrunk k."""
+    path names it (policy, reference, reward model), LoRA and dtype kept, best-of-N cut to the shrunk k."""
     data = yaml.safe_load((RECIPES[0].parent / "smollm2_sentiment.yaml").read_text())
     assert not recipe_from_dict(shrink(data)).stages[0].model.path.startswith("builtin:")  # off: untouched
     recipe = recipe_from_dict(shrink(data, tiny_model=True))
@@ -47,3 +47,4 @@ def test_tiny_model_replaces_every_model_given_by_path():
             assert max(stage.best_of, default=1) <= stage.k == 4
         if stage.kind == "dpo":
             assert stage.model.lora is not None and stage.model.lora.last_layers is None
+        assert stage.model.dtype == "bfloat16"  # the recipe's precision is kept: CI runs the bf16 paths
