@@ -12,7 +12,8 @@ vocabulary, tied head; random weights, no download), the three places that use i
 - ``eval_kl``: the evaluation's exact KL of 64 answers, policy (merged) vs reference (the LM head only at
   the answers on both sides).
 
-    python bench/trunk.py                 # about 3 minutes on 2 CPU cores
+    python bench/trunk.py                     # about 3 minutes on 2 CPU cores
+    python bench/trunk.py --dtype bfloat16    # the weights in bf16 (the sentiment recipe's precision)
 
 The last line printed is the JSON result; each ``*_ratio`` = time off / time on (> 1: the trunk is faster).
 """
@@ -47,13 +48,14 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def models(last_layers: int):
+def models(last_layers: int, dtype: str = "float32"):
     from align.compat import get_peft_model
     from align.config.specs import ModelSpec
     from align.models.loading import build_tiny_model, lora_config
     from align.models.reward import seq_cls_from_causal
 
-    spec = ModelSpec(path="builtin:tiny", tiny=SHAPE, lora={"r": 16, "alpha": 32, "last_layers": last_layers})
+    spec = ModelSpec(path="builtin:tiny", tiny=SHAPE, lora={"r": 16, "alpha": 32, "last_layers": last_layers},
+                     dtype=dtype)
     base = build_tiny_model(spec, VOCAB, 0)
     policy = get_peft_model(base, lora_config(spec.lora, base, "CAUSAL_LM"))
     critic = seq_cls_from_causal(build_tiny_model(spec, VOCAB, 0), 0)
@@ -80,7 +82,7 @@ def dpo(policy, k: int, repeats: int) -> dict:
         ref_on = best_of(lambda: logps_and_trunks(TokenLogps(policy), examples, 8, 0, "cpu", trunk_layers=k),
                          repeats)
         trunks = logps_and_trunks(TokenLogps(policy), examples, 8, 0, "cpu", trunk_layers=k)[2]
-    batch = collate_pairs(examples, 0, trunks=trunks)
+    batch = collate_pairs(examples, 0, next(policy.parameters()).dtype, trunks=trunks)
 
     def step(layers, inputs):
         policy.zero_grad()
@@ -144,11 +146,12 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--last-layers", type=int, default=8, help="LoRA on this many top layers")
     p.add_argument("--repeats", type=int, default=3, help="each timing is the best of this many")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the models' weights")
     args = p.parse_args(argv)
     torch.manual_seed(0)
-    policy, value, reference = models(args.last_layers)
+    policy, value, reference = models(args.last_layers, args.dtype)
     k = SHAPE["num_hidden_layers"] - args.last_layers
-    out = {"bench": "trunk", "threads": torch.get_num_threads(), "shared_layers": k}
+    out = {"bench": "trunk", "dtype": args.dtype, "threads": torch.get_num_threads(), "shared_layers": k}
     out.update(dpo(policy, k, args.repeats))
     out.update(ppo(policy, value, reference, k, args.repeats))
     out.update(eval_kl(policy, reference, args.repeats))
