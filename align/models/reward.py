@@ -99,7 +99,21 @@ def load_reward_model(spec: ModelSpec, model_path: str, tokenizer, seed: int = 0
             model.enable_input_require_grads()
         # SEQ_CLS keeps the head ("score") trainable
         model = get_peft_model(model, lora_config(spec.lora, model, "SEQ_CLS"))
+        float32_head(model)
     return model
+
+
+def float32_head(model: nn.Module) -> bool:
+    """A LoRA reward / value model loaded in bf16 or fp16 (``dtype``): its trainable head moves to float32,
+    so the optimizer's small updates do not round away (bf16 keeps 8 bits of mantissa; peft keeps the adapters
+    themselves in float32), and scores it in float32 from the decoder's half-precision hidden states.
+    -> whether it moved."""
+    _, head = backbone_and_head(model)
+    if not any(p.requires_grad and p.dtype in (torch.bfloat16, torch.float16) for p in head.parameters()):
+        return False
+    head.float()
+    head.register_forward_pre_hook(lambda module, args: tuple(a.float() if torch.is_tensor(a) else a for a in args))
+    return True
 
 
 def backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -46,3 +46,25 @@ def test_no_gradient_below_the_adapted_layers():
     ids = torch.randint(0, len(tok), (2, 12))
     model(input_ids=ids, labels=ids).loss.backward()
     assert needs_grad == {0: False, 1: False, 2: True}
+
+
+def test_a_bf16_reward_model_trains_its_head_in_float32():
+    """dtype bfloat16 + LoRA: the decoder and the adapters' base weights stay bf16, the trainable head moves to
+    float32 (an update of 1e-4 on weights of ~0.05 would round away in bf16) and scores in float32."""
+    from align.models.reward import PackedRewards, backbone_and_head
+
+    tok = load_tokenizer(ModelSpec(path="builtin:tiny"), "builtin:tiny")
+    spec = ModelSpec(path="builtin:tiny", tiny=TINY, dtype="bfloat16", lora={"r": 2, "alpha": 4, "last_layers": 1})
+    model = load_reward_model(spec, "builtin:tiny", tok)
+    decoder, head = backbone_and_head(model)
+    trained = [p for p in head.parameters() if p.requires_grad]
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(3, len(tok), (2, 12))
+    scores = PackedRewards(model)(ids, torch.arange(12).expand(2, 12), None, torch.tensor([11, 23]))
+    assert scores.dtype == torch.float32 and torch.isfinite(scores).all()
+    scores.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trained)
+    before = [p.detach().clone() for p in trained]
+    torch.optim.SGD(trained, lr=1e-4).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trained, strict=True))  # bf16 would keep most
