@@ -27,16 +27,21 @@ def shrink(recipe: dict, tiny_model: bool = False) -> dict:
 
 
 def _tiny_models(s: dict) -> None:
-    """Every model spec of stage ``s`` (a dict) that names a path: the built-in tiny model instead."""
+    """Every model spec of stage ``s`` (a dict) that names a path: the built-in tiny model instead; and no
+    spec keeps ``lora.last_layers`` (the tiny model has fewer layers), one read from a stage included."""
     holders = [s, s.get("reward") or {}]
     for holder in holders:
         for key in ("model", "reference", "value_model", "helpful", "safety"):
             spec = holder.get(key)
-            if isinstance(spec, dict) and spec.get("path") and not str(spec["path"]).startswith("builtin:"):
-                lora = {k: v for k, v in (spec.get("lora") or {}).items() if k != "last_layers"}
+            if not isinstance(spec, dict):
+                continue
+            lora = {k: v for k, v in (spec.get("lora") or {}).items() if k != "last_layers"}
+            if spec.get("path") and not str(spec["path"]).startswith("builtin:"):
                 holder[key] = {"path": "builtin:tiny", "tokenizer": "builtin:world", "tiny": TINY,
                                **({"lora": lora} if spec.get("lora") else {}),
                                **({"dtype": spec["dtype"]} if spec.get("dtype") else {})}  # bf16 runs as bf16
+            elif spec.get("lora"):
+                holder[key] = {**spec, "lora": lora}
 
 
 def _shrink_stage(s: dict, kind: str, train: dict, model: dict) -> None:

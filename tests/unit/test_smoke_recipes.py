@@ -48,3 +48,5 @@ def test_tiny_model_replaces_every_model_given_by_path():
         if stage.kind == "dpo":
             assert stage.model.lora is not None and stage.model.lora.last_layers is None
         assert stage.model.dtype == "bfloat16"  # the recipe's precision is kept: CI runs the bf16 paths
+        for spec in (stage.model, getattr(stage, "value_model", None)):
+            assert spec is None or spec.lora is None or spec.lora.last_layers is None  # one from a stage too
