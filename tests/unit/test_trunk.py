@@ -145,17 +145,8 @@ def test_dpo_token_logps_from_cached_trunks_equal_the_whole_policy_with_gradient
     assert refs == plain_refs and [t.shape[0] for t in trunks] == [len(e) for e in examples]
     batch = collate_pairs(examples, tok.pad_token_id, trunks=trunks)
     assert batch.tokens.trunk.shape[0] < len(examples)  # packed: the trunks sit where their tokens do
-    results = []
-    for k, inputs in ((0, batch.model_inputs()[:5]), (2, batch.model_inputs())):
-        policy.zero_grad()
-        logps = TokenLogps(policy, k)(*inputs)
-        logps.sum().backward()
-        results.append((logps.detach(), {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}))
-    (whole, g0), (top, g1) = results
-    torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-5)
-    assert g0.keys() == g1.keys() and g0
-    for name in g0:
-        torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
+    assert_same_values_and_gradients(policy, lambda k, inputs: TokenLogps(policy, k)(*inputs),
+                                     batch.model_inputs()[:5], batch.model_inputs(), k=2)
 
 
 def test_reward_model_from_cached_trunks_equals_the_whole_model_with_gradients(models):
@@ -173,18 +164,25 @@ def test_reward_model_from_cached_trunks_equals_the_whole_model_with_gradients(m
                                device="cpu")
     assert [t.shape[0] for t in trunks] == [len(e.row.input_ids) for e in examples]
     batch = collate_ranked(examples, tok.pad_token_id, trunks=trunks)
+    assert_same_values_and_gradients(value, lambda k, inputs: PackedRewards(value, k)(*inputs),
+                                     batch.model_inputs()[:4], batch.model_inputs(), k=2)
+    # evaluation scores from the trunks too
+    top, whole = (score_ranked(PackedRewards(value, k).eval(), examples, 2, tok.pad_token_id, "cpu", trunks=t)
+                  for k, t in ((2, trunks), (0, None)))
+    torch.testing.assert_close(torch.tensor(top), torch.tensor(whole), rtol=1e-5, atol=1e-5)
+
+
+def assert_same_values_and_gradients(model, run, whole_inputs, trunk_inputs, k: int) -> None:
+    """``run(0, whole_inputs)`` (the whole model) and ``run(k, trunk_inputs)`` (from the kept states) give the
+    same values and the same gradients of every trainable parameter (for a weighted sum of the values)."""
     results = []
-    for k, inputs in ((0, batch.model_inputs()[:4]), (2, batch.model_inputs())):
-        value.zero_grad()
-        scores = PackedRewards(value, k)(*inputs)
-        (scores * torch.arange(1.0, 1 + len(scores))).sum().backward()
-        results.append((scores.detach(), {n: p.grad.clone() for n, p in value.named_parameters() if p.grad is not None}))
+    for layers, inputs in ((0, whole_inputs), (k, trunk_inputs)):
+        model.zero_grad()
+        values = run(layers, inputs)
+        (values * torch.arange(1.0, 1 + len(values))).sum().backward()
+        results.append((values.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (whole, g0), (top, g1) = results
     torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-5)
     assert g0.keys() == g1.keys() and g0
     for name in g0:
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6)
-    # evaluation scores from the trunks too
-    top, whole = (score_ranked(PackedRewards(value, k).eval(), examples, 2, tok.pad_token_id, "cpu", trunks=t)
-                  for k, t in ((2, trunks), (0, None)))
-    torch.testing.assert_close(torch.tensor(top), torch.tensor(whole), rtol=1e-5, atol=1e-5)
