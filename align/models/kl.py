@@ -16,9 +16,8 @@ import torch
 from align.data.chat import termination_token_id, tokenize_prompt
 from align.losses.kl import exact_kl
 from align.models.inference import causal_only, eval_mode
-from align.models.last_layer import hidden_at
 from align.models.logps import decoder_and_head
-from align.models.trunk import from_layer, shared_layers, trunk_states
+from align.models.trunk import hidden_from, shared_layers, trunk_states
 
 
 def _batches(tokenizer, prompts, responses, finished, batch_size: int, device) -> Iterator[tuple]:
@@ -49,12 +48,7 @@ def _batches(tokenizer, prompts, responses, finished, batch_size: int, device) -
 def _vocab_logps(model, k: int, trunk, ids, mask, index) -> torch.Tensor:
     """(N, V) float32 log-softmax at ``index``; from ``trunk`` (the states after layer k) when given."""
     decoder, head = decoder_and_head(model)
-    inputs = {"input_ids": ids} if trunk is None else {"inputs_embeds": trunk}
-    if trunk is None:
-        hidden = hidden_at(decoder, index, attention_mask=causal_only(mask), **inputs)
-    else:
-        with from_layer(decoder, k):
-            hidden = hidden_at(decoder, index, attention_mask=causal_only(mask), **inputs)
+    hidden = hidden_from(decoder, index, trunk, k, input_ids=ids, attention_mask=causal_only(mask))
     return head(hidden).float().log_softmax(-1)
 
 

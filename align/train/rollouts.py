@@ -13,7 +13,6 @@ does; the KL controller is this source's resume state.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import random
 import time
@@ -24,11 +23,10 @@ import torch
 from align.data.chat import termination_token_id
 from align.losses.kl import kl_k3
 from align.models.inference import causal_only, no_grad_map
-from align.models.last_layer import hidden_at
 from align.models.logps import decoder_and_head
 from align.models.policy_value import response_logps
 from align.models.reward_fn import score_and_count
-from align.models.trunk import from_layer, trunk_states
+from align.models.trunk import hidden_from, trunk_states
 from align.rl.advantages import advantages_of, masked_mean
 from align.rl.kl_control import AdaptiveKLController, FixedKLController
 from align.rl.rollout import Rollout
@@ -201,10 +199,8 @@ def build_rollout(model, reference, samples, scores, kl_coef: float, stage, acce
         ids, mask = sequences[sl, :w], response_mask[sl, :w]
         rows, cols = mask.nonzero(as_tuple=True)
         decoder, head = decoder_and_head(m)
-        inputs = {"input_ids": ids} if trunk is None else {"inputs_embeds": trunk}
-        with from_layer(decoder, k) if trunk is not None else contextlib.nullcontext():
-            hidden = hidden_at(decoder, rows * w + cols - 1, attention_mask=causal_only(attention_mask[sl, :w]),
-                               **inputs)
+        hidden = hidden_from(decoder, rows * w + cols - 1, trunk, k, input_ids=ids,
+                             attention_mask=causal_only(attention_mask[sl, :w]))
         return padded(response_logps(head(hidden).float(), ids, mask, temperature))
 
     with accelerator.autocast():
